@@ -6,7 +6,6 @@ import functools
 import json
 import logging
 import os
-import sys
 import uuid
 
 import asyncpg
@@ -32,9 +31,8 @@ DB_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError
 # At startup a wrong password or database name is as fatal as a server that is not there.
 DB_STARTUP_ERRORS = DB_UNAVAILABLE + (asyncpg.PostgresError, ValueError)
 
-
-class DatabaseUnavailable(Exception):
-    """Raised at startup so the process can say in one line why it stopped."""
+# Gunicorn's "worker failed to boot" code: the master stops instead of respawning workers forever.
+EXIT_NO_DATABASE = 3
 
 
 # --8<-- [start:json]
@@ -90,7 +88,9 @@ async def pg_pool(app: web.Application):
             timeout=CONNECT_TIMEOUT,
         )
     except DB_STARTUP_ERRORS as exc:
-        raise DatabaseUnavailable(f"cannot reach the database: {exc!r}") from None
+        # One clear line instead of a traceback, then a non-zero exit (erratum 11).
+        log.critical("cannot reach the database: %r; is DATABASE_URL right and the server up?", exc)
+        raise SystemExit(EXIT_NO_DATABASE) from None
     app[db_pool] = pool
     log.info("pool ready (pid %d, min_size=%d, max_size=%d)", os.getpid(), POOL_MIN_SIZE, POOL_MAX_SIZE)
     yield
@@ -141,9 +141,5 @@ def create_app() -> web.Application:
 # --8<-- [start:main]
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        web.run_app(create_app(), host="0.0.0.0", port=int(os.environ.get("PORT", "8080")))
-    except DatabaseUnavailable as exc:
-        log.critical("%s; is DATABASE_URL right and the server running?", exc)
-        sys.exit(1)
+    web.run_app(create_app(), host="0.0.0.0", port=int(os.environ.get("PORT", "8080")))
 # --8<-- [end:main]

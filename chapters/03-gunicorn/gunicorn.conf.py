@@ -38,3 +38,28 @@ def when_ready(server):
         n, POOL_MIN_SIZE, n * POOL_MIN_SIZE, POOL_MAX_SIZE, n * POOL_MAX_SIZE,
     )
 # --8<-- [end:budget]
+
+
+# --8<-- [start:preflight]
+def on_starting(server):
+    """Try the database once in the master, before any worker forks.
+
+    Without this, every worker fails on its own and Gunicorn may trip over the second failure while
+    halting on the first, printing its own traceback over our one clear line.
+    """
+    import asyncio
+
+    import asyncpg
+    from app import CONNECT_TIMEOUT, DEFAULT_DATABASE_URL, EXIT_NO_DATABASE
+
+    async def probe():
+        conn = await asyncpg.connect(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL),
+                                     timeout=CONNECT_TIMEOUT)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:  # whatever the cause, the message and the exit code are the same
+        server.log.critical("cannot reach the database: %r; is DATABASE_URL right and the server up?", exc)
+        raise SystemExit(EXIT_NO_DATABASE) from None
+# --8<-- [end:preflight]

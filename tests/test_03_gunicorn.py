@@ -1,0 +1,74 @@
+"""Chapter 03: Gunicorn with aiohttp's worker; one pool per worker, and the connection budget.
+
+Each test runs against chapter 03 and every later chapter.
+"""
+import re
+import time
+
+import psutil
+import pytest
+
+from tutorial.database import execute
+from tutorial.process import get, start
+
+
+def wait_for_lines(running, needle: str, count: int, timeout: float = 20.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [line for line in running.output().splitlines() if needle in line]
+        if len(lines) >= count:
+            return lines
+        time.sleep(0.05)
+    raise AssertionError(f"expected {count} lines with {needle!r}:\n{running.output()}")
+
+
+def app_connections(pg, database: str) -> int:
+    return int(execute(pg.admin_dsn, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'"))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_connections_at_boot_are_workers_times_min_size(chapter, app_module, pg, db_name, workers):
+    """With WEB_CONCURRENCY=N, pg_stat_activity shows exactly N x min_size connections once booted."""
+    with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY=str(workers)) as running:
+        running.wait_until("/health")
+        wait_for_lines(running, "pool ready", workers)
+        assert app_connections(pg, db_name) == workers * app_module.POOL_MIN_SIZE
+        assert running.terminate() == 0
+    assert app_connections(pg, db_name) == 0
+
+
+def test_each_worker_is_a_process_with_its_own_pool(chapter, pg, db_name):
+    """WEB_CONCURRENCY=3 runs three worker processes under one master, each logging its pool's sizes once."""
+    with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="3") as running:
+        running.wait_until("/health")
+        lines = wait_for_lines(running, "pool ready", 3)
+        workers = psutil.Process(running.pid).children()
+        assert len(workers) == 3
+        pids = {int(re.search(r"pid (\d+)", line).group(1)) for line in lines}
+        assert pids == {w.pid for w in workers}
+        assert all("min_size=2" in line and "max_size=10" in line for line in lines)
+        assert running.terminate() == 0
+        assert len(wait_for_lines(running, "pool closed", 3)) == 3
+
+
+def test_boot_logs_the_connection_budget(chapter, pg, db_name):
+    """The master states the budget once: workers x min_size at boot, workers x max_size at most."""
+    with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="4") as running:
+        running.wait_until("/health")
+        [line] = wait_for_lines(running, "connection budget", 1)
+        assert "4 workers" in line and "= 8 at boot" in line and "up to 40" in line
+        running.terminate()
+
+
+def test_access_log_has_a_line_per_request(served):
+    """Every request leaves one access-log line with its path and status."""
+    get(served.url + "/users/1")
+    get(served.url + "/users/abc")
+    wait_for_lines(served, '"GET /users/1 HTTP/1.1" 200', 1)
+    wait_for_lines(served, '"GET /users/abc HTTP/1.1" 404', 1)
+
+
+def test_port_comes_from_the_environment(served):
+    """PORT picks the port Gunicorn binds (the served fixture sets a free one)."""
+    assert f":{served.port}" in served.output()
+    assert get(served.url + "/health")[0] == 200
