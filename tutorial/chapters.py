@@ -40,8 +40,11 @@ class Chapter:
 
     @property
     def schema(self) -> Path | None:
-        path = self.folder / "schema.sql"
-        return path if path.exists() else None
+        """The chapter's schema.sql; a learner's folder without one borrows the reference chapter's."""
+        for folder in (self.folder, ROOT / "chapters" / self.name):
+            if (folder / "schema.sql").exists():
+                return folder / "schema.sql"
+        return None
 
     @property
     def index(self) -> int:

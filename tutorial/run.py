@@ -10,11 +10,13 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from . import chapters, process
 from .database import DatabaseError, LocalPostgres, execute
 
-DATA_DIR = chapters.ROOT / ".data" / "postgres"
+# TUTORIAL_DATA_DIR moves it, so the tests of `make run` leave a learner's .data/ alone.
+DATA_DIR = Path(os.environ.get("TUTORIAL_DATA_DIR", chapters.ROOT / ".data")) / "postgres"
 
 
 def say(message: str) -> None:

@@ -1,0 +1,99 @@
+"""The learner's commands themselves: `make run` leaves nothing behind, `make check` names what fails."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from tutorial import chapters
+from tutorial.process import free_port, get
+
+ROOT = chapters.ROOT
+
+
+def descendants_and_postgres(marker: str) -> list[psutil.Process]:
+    """Every process whose command line mentions `marker` (the temp data folder or the port)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_make_run_serves_and_leaves_no_process_behind(tmp_path):
+    """`make run CHAPTER=02` starts PostgreSQL and the chapter; Ctrl-C stops both, exit 0, nothing left."""
+    port = free_port()
+    env = dict(os.environ, PORT=str(port), TUTORIAL_DATA_DIR=str(tmp_path / "data"))
+    env.pop("DATABASE_URL", None)
+    run = subprocess.Popen([sys.executable, "-m", "tutorial.run", "02"], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in run.stdout:
+            seen.append(line)
+            if "serving on" in line:
+                break
+        assert get(f"http://127.0.0.1:{port}/users/1")[0] == 200, "".join(seen)
+        run.send_signal(signal.SIGINT)
+        rest = run.stdout.read()
+        assert run.wait(30) == 0, "".join(seen) + rest
+    finally:
+        if run.poll() is None:
+            run.kill()
+        run.stdout.close()
+    assert f"curl -i http://localhost:{port}/users/1" in rest  # the URLs to try follow "serving on"
+    assert "PostgreSQL stopped" in rest
+    time.sleep(0.2)
+    assert descendants_and_postgres(str(tmp_path)) == []
+    assert get_fails(f"http://127.0.0.1:{port}/health")
+
+
+def get_fails(url: str) -> bool:
+    try:
+        get(url, timeout=1)
+    except OSError:
+        return True
+    return False
+
+
+def test_make_run_refuses_a_busy_port(tmp_path):
+    """A port already in use gets one clear line and exit 1, before anything starts."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "tutorial.run", "01"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=30, env=dict(os.environ, PORT=str(port),
+                                                                TUTORIAL_DATA_DIR=str(tmp_path)))
+    assert result.returncode == 1
+    assert f"port {port} is already in use" in result.stdout
+
+
+def test_make_check_names_the_failing_behaviour(tmp_path):
+    """A learner's chapter 01 with one bug: every other behaviour passes, the broken one is named."""
+    mine = tmp_path / "mine"
+    shutil.copytree(ROOT / "chapters" / "01-minimal-app", mine)
+    app = mine / "app.py"
+    app.write_text(app.read_text().replace('{"status": "ok"}', '{"status": "fine"}'))
+    result = subprocess.run([sys.executable, "-m", "tutorial.check", "01", str(mine)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert 'FAIL  GET /health answers 200 {"status": "ok"}.' in result.stdout
+    assert "ok    GET / answers 200 with a JSON greeting." in result.stdout
+    assert "behaviours pass." in result.stdout
+
+
+def test_make_check_passes_on_the_reference_chapter():
+    """The reference chapter 01 passes its own check."""
+    result = subprocess.run([sys.executable, "-m", "tutorial.check", "01", str(ROOT / "chapters" / "01-minimal-app")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout
