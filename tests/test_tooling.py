@@ -97,3 +97,19 @@ def test_make_check_passes_on_the_reference_chapter():
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL" not in result.stdout
+
+
+def test_make_run_explains_a_database_that_cannot_start(tmp_path):
+    """A damaged data folder: one line with PostgreSQL's own reason and what to do, exit 1, nothing left."""
+    data = tmp_path / "data" / "postgres"
+    data.mkdir(parents=True)
+    (data / "PG_VERSION").write_text("9\n")  # a data folder from a PostgreSQL we do not have
+    env = dict(os.environ, PORT=str(free_port()), TUTORIAL_DATA_DIR=str(tmp_path / "data"))
+    env.pop("DATABASE_URL", None)
+    result = subprocess.run([sys.executable, "-m", "tutorial.run", "02"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "PostgreSQL could not start" in result.stdout, result.stdout
+    assert "could not access the server configuration file" in result.stdout  # its own reason
+    assert "delete .data/ to start afresh" in result.stdout
+    assert descendants_and_postgres(str(tmp_path)) == []

