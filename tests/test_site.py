@@ -1,0 +1,205 @@
+"""The built site in a real browser: Debian's Chromium, headless, driven by Playwright, offline.
+
+The site from the `built_site` fixture is served by a local HTTP server on a free port. Every request
+the browser makes is recorded; any that leaves localhost fails the test (and is refused, as is any
+host name lookup). Console errors and uncaught page errors fail the test too.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tutorial import chapters as manifest
+
+from conftest import missing
+
+CHAPTERS = manifest.load()
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = manifest.ROOT / "test-output" / "chapter-05-graceful-shutdown.png"
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # the test output stays readable
+        pass
+
+
+@pytest.fixture(scope="module")
+def site_url(built_site):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(built_site.path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def browser_context(tmp_path_factory):
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        missing("Chromium", "apt install chromium (Debian's package; the tests never download a browser)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("Playwright", "pip install -r requirements-dev.txt")
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+            headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  # Any host name but localhost fails to resolve: the site must need none.
+                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1"],
+            viewport={"width": 1280, "height": 900},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+class Recorder:
+    """Every request, console error and page error of one test."""
+
+    def __init__(self):
+        self.requests: list[str] = []
+        self.errors: list[str] = []
+
+    def outside(self) -> list[str]:
+        return [url for url in self.requests
+                if urlsplit(url).scheme not in {"data", "blob", "about"} and urlsplit(url).hostname not in LOCAL_HOSTS]
+
+    def assert_clean(self) -> None:
+        assert self.requests, "no request was recorded: the recorder is not listening"
+        assert not self.outside(), f"requests that left localhost: {self.outside()}"
+        assert not self.errors, "console errors:\n" + "\n".join(self.errors)
+
+
+@pytest.fixture
+def browser(browser_context):
+    """A fresh page, with every request (the page's and its web workers') and every error recorded."""
+    recorder = Recorder()
+
+    def on_request(request):
+        recorder.requests.append(request.url)
+
+    def on_console(message):
+        if message.type == "error":
+            recorder.errors.append(f"{message.text} ({message.location})")
+
+    def refuse_outside(route):
+        recorder.requests.append(route.request.url)
+        if urlsplit(route.request.url).hostname in LOCAL_HOSTS:
+            route.continue_()
+        else:
+            route.abort()
+
+    browser_context.on("request", on_request)
+    browser_context.route(re.compile(r"^(?!https?://(127\.0\.0\.1|localhost)[:/])"), refuse_outside)
+    page = browser_context.new_page()
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: recorder.errors.append(f"page error: {error}"))
+    page.on("worker", lambda worker: worker.on("console", on_console) if hasattr(worker, "on") else None)
+    try:
+        yield page, recorder
+    finally:
+        page.close()
+        browser_context.remove_listener("request", on_request)
+        browser_context.unroute_all(behavior="ignoreErrors")
+
+
+# -- every chapter page renders its code and its diff ---------------------------------------------------
+def test_every_chapter_page_renders_its_code_its_diff_and_the_navigation(browser, site_url):
+    """Each chapter page shows its included code blocks (with titles) and, after the first chapter,
+    a diff with added and removed lines; the navigation lists every chapter; pictures load."""
+    page, recorder = browser
+    for chapter in CHAPTERS:
+        page.goto(f"{site_url}chapters/{chapter.name}/")
+        page.wait_for_load_state("load")
+        assert page.locator("h1").first.inner_text().startswith(f"{chapter.number} · ")
+        code = page.locator("article .highlight:not(.language-console):not(.language-diff) code")
+        assert code.count() >= 1, chapter.name
+        for at in range(code.count()):
+            assert code.nth(at).is_visible() and code.nth(at).inner_text().strip(), f"{chapter.name}: empty block {at}"
+        titles = page.locator("article .highlight:not(.language-console):not(.language-diff) .filename").all_inner_texts()
+        assert titles and all(title.strip() for title in titles), chapter.name
+        diff = page.locator("article .language-diff code")
+        if chapter.index > 1:
+            assert diff.count() >= 1, f"{chapter.name}: no diff"
+            text = "\n".join(diff.all_inner_texts())
+            assert re.search(r"^\+", text, re.M) and text.startswith("--- chapters/"), chapter.name
+            # Pygments colours the lines: added and removed lines are marked up, not plain text.
+            assert page.locator("article .language-diff .gi").count() >= 1
+        else:
+            assert diff.count() == 0
+        nav = page.locator("nav.md-nav--primary").inner_text()
+        for other in CHAPTERS:
+            assert f"{other.number} · {other.title}" in nav, f"{chapter.name}: nav lacks chapter {other.number}"
+        for image in page.locator("article img").all():
+            assert image.evaluate("img => img.complete && img.naturalWidth > 0"), image.get_attribute("src")
+    recorder.assert_clean()
+
+
+# -- search works offline ---------------------------------------------------------------------------------
+def unique_word(built_site) -> tuple[str, str]:
+    """A word found on exactly one page of the whole site, and that page a chapter page. Unique by its
+    first six letters, so no stemmed form of it can match anywhere else."""
+    index = json.loads((built_site.path / "search" / "search_index.json").read_text())
+    pages: dict[str, str] = {}
+    for doc in index["docs"]:
+        page = doc["location"].split("#")[0]
+        pages[page] = pages.get(page, "") + " " + re.sub(r"<[^>]+>", " ", doc["title"] + " " + doc["text"]).lower()
+    for chapter in CHAPTERS:
+        # Candidates come from the page's prose, lower-case as written: code is split differently
+        # by the search (basicConfig is two words to it).
+        source = (manifest.ROOT / "docs" / "chapters" / f"{chapter.name}.md").read_text()
+        prose = re.sub(r"```.*?```|`[^`]*`|<!--.*?-->|\([^)]*\)", " ", source, flags=re.S)
+        for word in sorted(set(re.findall(r"(?<![\w-])[a-z]{8,}(?![\w-])", prose))):
+            stem = word[:6]
+            if sum(stem in text for text in pages.values()) == 1:
+                return word, f"chapters/{chapter.name}/"
+    pytest.fail("no word appears on one chapter page only")
+
+
+def test_search_finds_a_word_that_only_one_chapter_page_has(browser, site_url, built_site):
+    """Typed into Material's search box, such a word lists that chapter page, and only that page,
+    with the index loaded over localhost."""
+    page, recorder = browser
+    word, where = unique_word(built_site)
+    page.goto(site_url)
+    page.wait_for_load_state("load")
+    box = page.locator("input.md-search__input")  # in the header at desktop width
+    box.click()
+    box.press_sequentially(word, delay=20)
+    results = page.locator(".md-search-result__item a")
+    results.first.wait_for(state="visible", timeout=15_000)
+    links = [link for link in (results.nth(i).get_attribute("href") for i in range(results.count()))]
+    assert links and all(where in link for link in links), f"searching {word!r}: {links}"
+    assert any(url.endswith("search/search_index.json") for url in recorder.requests), recorder.requests
+    recorder.assert_clean()
+
+
+# -- the look of a page ------------------------------------------------------------------------------------
+def test_screenshot_of_a_chapter_page(browser, site_url):
+    """A full-page screenshot of chapter 05 in test-output/, for a human to look at; the page must use
+    the bundled stylesheet (no default serif font) and show the shutdown timeline."""
+    page, recorder = browser
+    page.goto(f"{site_url}chapters/05-graceful-shutdown/")
+    page.wait_for_load_state("load")
+    font = page.evaluate("getComputedStyle(document.body).fontFamily")
+    assert "Roboto" not in font or "-apple-system" in font, font  # no web font asked for by name alone
+    assert page.locator("article img[src$='shutdown-timeline.svg']").evaluate("img => img.naturalWidth") > 0
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000
+    recorder.assert_clean()
