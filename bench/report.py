@@ -1,0 +1,265 @@
+"""Medians with min-max over the rounds, the issue's targets as ratios, a Markdown table and a PNG chart."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from .variants import APP, DEFAULT_W2, NGINX_W2, ROOT_PATH, SINGLE, TUNED_W1, TUNED_W2, USERS_PATH
+
+PATH_TITLES = {ROOT_PATH: "GET /", USERS_PATH: "GET /users/{id}"}
+# What the ratio columns divide by: for GET /, chapter 01 and the machine's ceiling (nginx); for
+# GET /users/{id}, one default worker and the database's ceiling (pgbench).
+BASELINES = {ROOT_PATH: (APP, NGINX_W2), USERS_PATH: (SINGLE, "pgbench")}
+
+
+def spread(values: list[float]) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "n": len(values)}
+
+
+def summarise(runs: list[dict], paths) -> dict:
+    out = {key: spread([r.get(key) for r in runs]) for key in ("start_s", "worker_boot_s", "stop_s")}
+    for path in paths:
+        done = [r[path] for r in runs if path in r]
+        stats = {key: spread([d[key] for d in done]) for key in ("rps", "p50_ms", "p99_ms", "client_cpu_pct")}
+        stats["errors"] = sum(d["errors"] for d in done)
+        # CPU per process: the busiest of each run with the busiest of the others, and so on.
+        stats["cpu"] = {}
+        for group in ("server", "postgres"):
+            lists = [d["cpu"].get(group, []) for d in done]
+            rank = min((len(l) for l in lists), default=0)
+            stats["cpu"][group] = [statistics.median(l[i] for l in lists) for i in range(rank)]
+            stats["cpu"][group + "_total"] = spread([sum(l) for l in lists])
+        out[path] = stats
+    return out
+
+
+def median(summary: dict, key: str, path: str | None, field: str) -> float | None:
+    entry = summary.get(key, {})
+    entry = entry.get(path, {}) if path else entry
+    value = (entry or {}).get(field)
+    return value["median"] if value else None
+
+
+def checks(summary: dict, written: str | None) -> list[dict]:
+    """The issue's targets, for the chapter as written and for all three knobs turned."""
+    found = []
+    for subject in dict.fromkeys((written, TUNED_W2)):
+        if subject not in summary:
+            continue
+
+        def ratio(a, b):
+            return round(a / b, 2) if a and b else None
+
+        rows = [
+            ("GET / req/s vs chapter 01 under python app.py", ">=", 1.6,
+             ratio(median(summary, subject, ROOT_PATH, "rps"), median(summary, APP, ROOT_PATH, "rps"))),
+            ("GET / req/s vs nginx with 2 workers", ">=", 0.35,
+             ratio(median(summary, subject, ROOT_PATH, "rps"), median(summary, NGINX_W2, ROOT_PATH, "rps"))),
+            ("GET /users/{id} p99 (ms)", "<=", 20, median(summary, subject, USERS_PATH, "p99_ms")),
+            ("GET /users/{id} req/s vs 1 default worker", ">=", 1.2,
+             ratio(median(summary, subject, USERS_PATH, "rps"), median(summary, SINGLE, USERS_PATH, "rps"))),
+            ("worker boot to first healthy answer (s)", "<", 0.3, median(summary, subject, None, "worker_boot_s")),
+            ("idle graceful stop (s)", "<", 1.3, median(summary, subject, None, "stop_s")),
+        ]
+        for name, op, target, value in rows:
+            met = None if value is None else {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+            found.append({"subject": subject, "check": name, "target": f"{op} {target}", "value": value, "met": met})
+    return found
+
+
+# -- Markdown ---------------------------------------------------------------------------------------------
+def _range(s: dict | None, fmt: str = "{:,.0f}") -> str:
+    if not s:
+        return "–"
+    if s["min"] == s["max"]:
+        return fmt.format(s["median"])
+    return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}–{fmt.format(s['max'])})"
+
+
+def rps_of(variants: list[dict], key: str, path: str) -> float | None:
+    v = next((v for v in variants if v["key"] == key and path in v["summary"]), None)
+    return v["summary"][path]["rps"]["median"] if v else None
+
+
+def _name(v: dict) -> str:
+    return f"**{v['label']}** (`{v['key']}`)" if v.get("as_written") or v["key"] == TUNED_W2 \
+        else f"{v['label']} (`{v['key']}`)"
+
+
+def table(results: dict) -> str:
+    variants = results["variants"]
+    rounds = results["settings"]["rounds"]
+    lines = [f"Median of {rounds} interleaved runs, min–max in brackets. CPU is per process, in % of one "
+             "core (Gunicorn's workers, busiest first; an idle master is left out). "
+             f"wrk {results['settings']['wrk']}, {results['settings']['duration_s']} s per run.", ""]
+    for path, title in PATH_TITLES.items():
+        rows = [v for v in variants if path in v["summary"]]
+        if not rows:
+            continue
+        bases = [(key, rps_of(variants, key, path)) for key in BASELINES[path]]
+        bases = [(key, rps) for key, rps in bases if rps]
+        lines += [f"**{title}**", "",
+                  "| variant | req/s | " + " | ".join(f"× `{key}`" for key, _ in bases)
+                  + (" | " if bases else "") + "p50 ms | p99 ms | CPU % server | CPU % postgres | CPU % client |",
+                  "|---|---:|" + "---:|" * len(bases) + "---:|---:|---|---:|---:|"]
+        for v in rows:
+            s = v["summary"][path]
+            rps = s["rps"]["median"]
+            ratios = "".join(f"{rps / base:.2f} | " for _, base in bases)
+            server = " + ".join(f"{c:.0f}" for c in s["cpu"]["server"]) or "–"
+            pg = s["cpu"]["postgres_total"]
+            pg = f"{pg['median']:.0f}" if pg else "–"
+            client = f"{s['client_cpu_pct']['median']:.0f}" if s["client_cpu_pct"] else "–"
+            if v["kind"] == "pgbench":
+                server, client = "–", f"{client} (pgbench)"
+            errors = f" ({s['errors']} errors)" if s["errors"] else ""
+            lines.append(f"| {_name(v)}{errors} | {_range(s['rps'])} | {ratios}"
+                         f"{s['p50_ms']['median']:.2f} | {_range(s['p99_ms'], '{:.1f}')} | {server} | {pg} | {client} |")
+        lines.append("")
+    timed = [v for v in variants if v["summary"].get("stop_s")]
+    if timed:
+        lines += ["**Start and stop** (seconds)", "",
+                  "| variant | spawn to first 200 | first worker's fork to first 200 | idle SIGTERM to exit |",
+                  "|---|---:|---:|---:|"]
+        for v in timed:
+            s = v["summary"]
+            lines.append(f"| {_name(v)} | {_range(s['start_s'], '{:.2f}')} | "
+                         f"{_range(s['worker_boot_s'], '{:.2f}')} | {_range(s['stop_s'], '{:.2f}')} |")
+        lines.append("")
+    if results.get("checks"):
+        lines += ["**The targets of issue 5**", "", "| variant | check | target | measured | met |",
+                  "|---|---|---|---:|---|"]
+        for c in results["checks"]:
+            met = {True: "yes", False: "**no**", None: "–"}[c["met"]]
+            lines.append(f"| `{c['subject']}` | {c['check']} | {c['target']} | {c['value']} | {met} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- chart ------------------------------------------------------------------------------------------------
+COLOURS = {"gunicorn": "#8fb0d6", "written": "#3b6ea8", "tuned": "#1f3f66",
+           "app": "#9a9a9a", "nginx": "#5a9e5a", "pgbench": "#c08a2e"}
+
+
+def _colour(v: dict) -> str:
+    if v.get("as_written"):
+        return COLOURS["written"]
+    if v["key"] == TUNED_W2:
+        return COLOURS["tuned"]
+    return COLOURS[v["kind"]]
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render straight to PNG
+    import matplotlib.pyplot as plt
+
+    # Each req/s bar is labelled with its ratio to the first baseline of its path; latency with ms.
+    panels = [(ROOT_PATH, "rps", "GET /   req/s  (× chapter 01 under python app.py)"),
+              (USERS_PATH, "rps", "GET /users/{id}   req/s  (× 1 default worker)"),
+              (USERS_PATH, "p99_ms", "GET /users/{id}   p99 latency, ms")]
+    variants = results["variants"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(17, 0.42 * len(variants) + 1.8), constrained_layout=True)
+    for ax, (p, field, title) in zip(axes, panels):
+        rows = [v for v in variants if p in v["summary"]][::-1]
+        if not rows:
+            ax.set_visible(False)
+            continue
+        base = rps_of(variants, BASELINES[p][0], p) if field == "rps" else None
+        med = [v["summary"][p][field]["median"] for v in rows]
+        lo = [m - v["summary"][p][field]["min"] for m, v in zip(med, rows)]
+        hi = [v["summary"][p][field]["max"] - m for m, v in zip(med, rows)]
+        ax.barh(range(len(rows)), med, xerr=[lo, hi], color=[_colour(v) for v in rows], capsize=3)
+        ax.set_yticks(range(len(rows)), [v["label"] for v in rows], fontsize=8.5)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.25)
+        for y, m in enumerate(med):
+            text = f" {m:.1f}" if field != "rps" else f" {m / base:.2f}×" if base else f" {m:,.0f}"
+            ax.text(m, y, text, va="center", fontsize=8)
+    for ax in axes[1:]:
+        ax.tick_params(axis="y", labelleft=True)
+    m, s = results["machine"], results["settings"]
+    fig.suptitle(f"{s['chapter']} · wrk {s['wrk']} · {m['cpus']} cores, {m['cpu_model']} · "
+                 f"median of {s['rounds']} interleaved runs, whiskers min–max · {results['started'][:10]}",
+                 fontsize=10)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# -- the knobs, in the order of their measured effect -----------------------------------------------------
+KNOBS = [  # (variant, what it changes, compared with): the ratio is variant ÷ compared-with
+    (TUNED_W2, "uvloop worker (`aiohttp.GunicornUVLoopWebWorker`)", "w2-no-uvloop"),
+    (TUNED_W2, "access log off", "w2-with-log"),
+    (TUNED_W2, "orjson for `GET /users/{id}`", "w2-no-orjson"),
+    (TUNED_W2, "`reuse_port`: a listening socket per worker", "w2-no-reuseport"),
+    (DEFAULT_W2, "a second worker, default setup", SINGLE),
+    (TUNED_W2, "a second worker, recommended setup", TUNED_W1),
+    (TUNED_W2, "all four knobs at once, 2 workers", DEFAULT_W2),
+]
+
+
+def knob_effects(results: dict) -> list[dict]:
+    """Each knob's req/s ratio on both paths against what it changes, largest gain first (by the
+    geometric mean of the two ratios; a knob that costs more than it gives sorts last)."""
+    variants = results["variants"]
+    found = []
+    for key, what, base in KNOBS:
+        ratios = {}
+        for path in PATH_TITLES:
+            a, b = rps_of(variants, key, path), rps_of(variants, base, path)
+            ratios[path] = round(a / b, 2) if a and b else None
+        if None in ratios.values():
+            continue
+        effect = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
+        found.append({"variant": key, "knob": what, "against": base, "ratios": ratios, "effect": round(effect, 3)})
+    return sorted(found, key=lambda k: -k["effect"])
+
+
+def knobs_md(results: dict) -> str:
+    effects = knob_effects(results)
+    if not effects:
+        return "_This run measured too few variants to compare knobs._\n"
+    lines = ["| knob | req/s of | ÷ req/s of | GET / | GET /users/{id} |", "|---|---|---|---:|---:|"]
+    for k in effects:
+        lines.append(f"| {k['knob']} | `{k['variant']}` | `{k['against']}` | {k['ratios'][ROOT_PATH]:.2f}× | "
+                     f"{k['ratios'][USERS_PATH]:.2f}× |")
+    by_key = {v["key"]: v for v in results["variants"]}
+    if TUNED_W2 in by_key and DEFAULT_W2 in by_key:
+        fast = (by_key[TUNED_W2]["summary"].get("stop_s") or {}).get("median")
+        slow = (by_key[DEFAULT_W2]["summary"].get("stop_s") or {}).get("median")
+        if fast and slow:
+            lines += ["", f"Idle graceful stop: {slow:.2f} s for `{DEFAULT_W2}`, {fast:.2f} s for `{TUNED_W2}` "
+                          f"with the SIGTERM hook ({fast / slow:.2f}×)."]
+    return "\n".join(lines) + "\n"
+
+
+def machine_md(results: dict) -> str:
+    m, v, s = results["machine"], results["versions"], results["settings"]
+    soft = ", ".join(f"{name} {version}" for name, version in v.items())
+    return (f"- Run: {results['started']}, {results['wall_s']:.0f} s in all, chapter `{s['chapter']}`, "
+            f"{s['rounds']} rounds of {s['warmup_s']} s warm-up and {s['duration_s']} s measured per path\n"
+            f"- Machine: {m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, {m['os']}, "
+            f"Linux {m['kernel']}; load average {m['load_before'][0]} before, {m['load_after'][0]} after\n"
+            f"- Software: {soft}\n"
+            f"- Load: wrk {s['wrk']} over loopback; pgbench {s['pgbench']}; {s['sample_users']:,} sample users\n")
+
+
+def write(results: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "results.json", "table": out / "table.md", "knobs": out / "knobs.md",
+             "machine": out / "machine.md", "chart": out / "chart.png"}
+    results["knobs"] = knob_effects(results)
+    files["json"].write_text(json.dumps(results, indent=2) + "\n")
+    files["table"].write_text(table(results))
+    files["knobs"].write_text(knobs_md(results))
+    files["machine"].write_text(machine_md(results))
+    chart(results, files["chart"])
+    return files

@@ -1,0 +1,100 @@
+"""What is measured: the chapter under Gunicorn with one knob turned at a time, and reference points.
+
+Every Gunicorn variant runs the chapter's own gunicorn.conf.py and names each of the three knobs
+explicitly (worker class, access log, JSON encoder), so a variant means the same thing whatever the
+chapter currently ships; servers.py says how each knob is applied without editing the chapter. The
+variant whose settings equal the chapter's own is marked "as written" at run time (see __main__.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+ROOT_PATH = "/"
+USERS_PATH = "/users"  # short for GET /users/{random id}
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    kind: str  # "gunicorn": the chapter; "app": chapter 01 under python app.py; "nginx"; "pgbench"
+    workers: int = 1
+    worker: str | None = None  # "aiohttp" (GunicornWebWorker) or "uvloop" (GunicornUVLoopWebWorker)
+    access_log: bool | None = None
+    json: str | None = None  # "stdlib" or "orjson", where the chapter offers the switch (servers.py)
+    reuse_port: bool | None = None  # Gunicorn's reuse_port: a listening socket per worker
+    fast_stop: bool | None = None  # SIGTERM wakes aiohttp's worker at once (servers.FAST_STOP_HOOK)
+    paths: tuple[str, ...] = (ROOT_PATH, USERS_PATH)
+    as_written: bool = False  # its settings are the chapter's own
+
+    @property
+    def settings(self) -> dict:
+        return {"workers": self.workers, "worker": self.worker, "access_log": self.access_log,
+                "json": self.json, "reuse_port": self.reuse_port, "fast_stop": self.fast_stop}
+
+    @property
+    def knobs(self) -> tuple:
+        return self.worker, self.access_log, self.json, self.reuse_port
+
+
+# The article's setup (aiohttp's own worker, an access log, the stdlib encoder, one listening socket
+# shared by every worker) and the setup this benchmark recommends (all four knobs turned). Each knob is
+# then measured by leaving it out of the recommended setup: what it is worth where it will be used.
+# Turning one knob on in the default setup instead would hide most of them behind the access log, the
+# largest cost (docs/performance.md). fast_stop changes nothing but the idle stop, so it has no variant
+# of its own: the default variants time the stop without it, the recommended ones with it.
+DEFAULT = dict(worker="aiohttp", access_log=True, json="stdlib", reuse_port=False)
+TUNED = dict(worker="uvloop", access_log=False, json="orjson", reuse_port=True, fast_stop=True)
+
+SINGLE = "w1-default"   # one worker, default setup: the single-process figure the targets divide by
+DEFAULT_W2 = "w2-default"
+TUNED_W2 = "w2-tuned"
+TUNED_W1 = "w1-tuned"
+CHAPTER_W2 = "w2-chapter"  # only run when the chapter's settings match no other variant
+APP = "ch01-run-app"
+NGINX_W2 = "nginx-w2"
+# Recommended setup minus one knob: (key, label, the knob's default value)
+WITHOUT = [
+    ("w2-no-uvloop", "recommended, aiohttp's default worker", dict(worker="aiohttp")),
+    ("w2-with-log", "recommended, access log on", dict(access_log=True)),
+    ("w2-no-orjson", "recommended, stdlib json", dict(json="stdlib")),
+    ("w2-no-reuseport", "recommended, one shared socket", dict(reuse_port=False)),
+]
+
+
+def full_plan() -> list[Variant]:
+    return [
+        Variant(SINGLE, "1 worker, default setup", "gunicorn", workers=1, **DEFAULT),
+        Variant(DEFAULT_W2, "2 workers, default setup", "gunicorn", workers=2, **DEFAULT),
+        Variant(TUNED_W2, "2 workers, recommended setup", "gunicorn", workers=2, **TUNED),
+        Variant(TUNED_W1, "1 worker, recommended setup", "gunicorn", workers=1, **TUNED),
+        *(Variant(key, f"2 workers, {label}", "gunicorn", workers=2, **{**TUNED, **change})
+          for key, label, change in WITHOUT),
+        Variant(APP, "chapter 01, python app.py", "app", paths=(ROOT_PATH,)),
+        Variant("nginx-w1", "nginx fixed JSON, 1 worker", "nginx", workers=1, paths=(ROOT_PATH,)),
+        Variant(NGINX_W2, "nginx fixed JSON, 2 workers", "nginx", workers=2, paths=(ROOT_PATH,)),
+        Variant("pgbench", "pgbench, the same SELECT", "pgbench", paths=(USERS_PATH,)),
+    ]
+
+
+def smoke_plan() -> list[Variant]:
+    """One short variant for the smoke test: the chapter's own settings, one worker, both paths."""
+    return [Variant("w1-smoke", "1 worker, chapter's own settings", "gunicorn", workers=1)]
+
+
+def mark_as_written(plan: list[Variant], chapter_knobs: tuple, workers: int) -> list[Variant]:
+    """Mark the variant that runs the chapter exactly as written (its knobs, its default worker count);
+    add one when none does, so the chapter as it stands is always measured."""
+    found = False
+    marked = []
+    for v in plan:
+        if v.kind == "gunicorn" and v.workers == workers and v.knobs == chapter_knobs:
+            v = replace(v, as_written=True, label=v.label + " = chapter as written")
+            found = True
+        marked.append(v)
+    if not found and None not in chapter_knobs:
+        worker, access_log, json, reuse_port = chapter_knobs
+        marked.insert(0, Variant(CHAPTER_W2, f"{workers} workers, chapter as written", "gunicorn",
+                                 workers=workers, worker=worker, access_log=access_log, json=json,
+                                 reuse_port=reuse_port, as_written=True))
+    return marked
