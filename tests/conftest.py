@@ -170,3 +170,104 @@ def pytest_report_header(config):
 
 def which(tool: str) -> str | None:
     return shutil.which(tool)
+
+
+# -- a Docker engine of our own, for the container tests (see tutorial/docker_engine.py) ----------------
+@pytest.fixture(scope="session")
+def docker():
+    """dockerd with its own roots and no networking; stopped when the session ends."""
+    from tutorial import docker_engine
+
+    why = docker_engine.available()
+    if why:
+        missing("a Docker engine", why)
+    engine = docker_engine.Engine()
+    try:
+        engine.start()
+    except docker_engine.EngineError as exc:
+        engine.stop()
+        missing("a Docker engine", str(exc))
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def base_image(docker):
+    """The Dockerfile's own base when it is here or can be pulled; otherwise the stand-in, unless
+    TUTORIAL_REAL_BASE=1 (as on GitHub's runners) says only the real one will do."""
+    from tutorial import docker_engine
+
+    real_only = os.environ.get("TUTORIAL_REAL_BASE") == "1"
+    try:
+        return docker.base_image(docker_engine.dockerfile_arg("BASE_IMAGE"), allow_standin=not real_only)
+    except docker_engine.EngineError as exc:
+        missing("a base image", str(exc))
+
+
+def image_context(chapter: manifest.Chapter, scratch: Path) -> Path:
+    """The repository itself for a reference chapter; for a learner's folder (`make check`), a small
+    context holding the Dockerfile, the requirements and that folder in the chapter's place."""
+    if chapter.location is None:
+        return manifest.ROOT
+    context = scratch / chapter.name
+    for name in ("Dockerfile", ".dockerignore", "requirements.txt"):
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(manifest.ROOT / name, context / name)
+    shutil.copytree(chapter.folder, context / "chapters" / chapter.name,
+                    ignore=shutil.ignore_patterns(".venv", ".data", ".env", "__pycache__"))
+    return context
+
+
+@pytest.fixture(scope="session")
+def images(docker, base_image, tmp_path_factory) -> dict[str, str]:
+    """One image per chapter from 04 on, by chapter number, built once per session; they share every
+    layer but the chapter's own files. A chapter `make check` is checking is built from its folder."""
+    scratch = tmp_path_factory.mktemp("image-contexts")
+    checked = {c.number: c for c in checked_chapters()}
+    return {c.number: docker.build(f"aiohttp-tutorial:{c.name}", image_context(checked.get(c.number, c), scratch),
+                                   BASE_IMAGE=base_image, CHAPTER=c.name)
+            for c in manifest.load() if c.index >= 4}
+
+
+@pytest.fixture(scope="session")
+def pg_socket_dir(pg) -> str:
+    """The folder holding the test server's unix socket, for a container to mount."""
+    if not hasattr(pg, "socket_dir"):
+        missing("a local PostgreSQL with a unix socket", "unset TEST_DATABASE_URL for the container tests")
+    return str(pg.socket_dir)
+
+
+# -- the docs site, built once per session for tests/test_docs.py and tests/test_site.py ----------------------
+@dataclasses.dataclass
+class BuiltSite:
+    """The result of `mkdocs build --strict`: where the site went, and what the build printed."""
+
+    path: Path
+    returncode: int
+    output: str
+
+    def page(self, url: str) -> str:
+        """The HTML of a page by its site URL, such as "chapters/01-minimal-app/"."""
+        return (self.path / url / "index.html").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def built_site(tmp_path_factory) -> BuiltSite:
+    """`mkdocs build --strict` into a fresh folder, once per session. Fails every test that needs it
+    when the build fails, with the build's own output."""
+    if importlib.util.find_spec("mkdocs") is None:
+        missing("mkdocs", "pip install -r requirements-dev.txt")
+    import subprocess
+
+    site = tmp_path_factory.mktemp("site")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(manifest.ROOT / "mkdocs.yml"),
+         "--site-dir", str(site)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    built = BuiltSite(site, result.returncode, result.stdout + result.stderr)
+    if built.returncode != 0:
+        pytest.fail(f"mkdocs build --strict failed:\n{built.output}", pytrace=False)
+    return built
