@@ -259,3 +259,400 @@ def test_erratum_08_chapters_use_typed_keys():
         for node in ast.walk(tree):
             if isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("app"):
                 assert not isinstance(node.slice, ast.Constant), f"{chapter.name}: {ast.unparse(node)}"
+
+
+# -- erratum 2 and 10: containers -------------------------------------------------------------------------
+# Erratum 2: a shell-form CMD leaves /bin/sh as PID 1. The kernel delivers a signal to a PID namespace's
+# init only if it has a handler for it, and dash sets none for SIGTERM: the signal is dropped, Gunicorn
+# never hears it, and the platform's SIGKILL ends everything with no drain and no cleanup. Shown first
+# without Docker (a PID namespace of our own, so a learner with no engine sees it), then in a container.
+# Erratum 10: Gunicorn 25+ starts a control socket under $HOME unless told not to; a container user with
+# no writable home logs an ERROR for it at every boot.
+import shutil as _shutil
+
+import psutil
+
+from conftest import fresh_database, missing
+from tutorial.docker_engine import in_parallel, run_container
+
+LAST = chapters.latest()
+SHELL_FORM = "gunicorn -c gunicorn.conf.py"  # the article's `CMD gunicorn ...`, run by /bin/sh -c
+
+
+def pid_namespace_argv() -> list[str]:
+    """unshare's argv for a new PID namespace with its own /proc; unprivileged, a user namespace too."""
+    if not _shutil.which("unshare"):
+        missing("unshare", "apt-get install util-linux")
+    argv = ["unshare", "--pid", "--fork", "--mount-proc"]
+    if os.geteuid() != 0:
+        argv[1:1] = ["--user", "--map-root-user"]
+    probe = subprocess.run([*argv, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        missing("PID namespaces", f"unshare failed: {probe.stderr.strip()}")
+    return argv
+
+
+def dash() -> str:
+    """Debian's /bin/sh, the shell a python:*-slim image runs a shell-form CMD with. (bash would exec a
+    lone command itself and hide the bug.)"""
+    found = _shutil.which("dash")
+    if not found:
+        missing("dash", "apt-get install dash (the /bin/sh of Debian-based images)")
+    return found
+
+
+def namespace_init(running: Running, timeout: float = 10.0) -> psutil.Process:
+    """PID 1 of the namespace, seen from here: unshare's only child."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = psutil.Process(running.pid).children()
+        if children:
+            return children[0]
+        time.sleep(0.05)
+    raise TimeoutError(f"unshare started nothing:\n{running.output()}")
+
+
+def start_as_pid1(argv: list[str], pg) -> Running:
+    port = free_port()
+    url = pg.dsn(fresh_database(pg, LAST.schema))
+    env = chapter_env(port, url, WEB_CONCURRENCY="2")
+    running = Running([*pid_namespace_argv(), *argv], LAST.folder, env, port)
+    running.wait_until("/health")
+    return running
+
+
+@pytest.mark.parametrize("argv", [["gunicorn", "-c", "gunicorn.conf.py"], ["/bin/sh", "-c", "exec " + SHELL_FORM]],
+                         ids=["json-cmd", "sh-exec"])
+def test_erratum_02_exec_form_pid1_drains_and_exits_on_sigterm(argv, pg):
+    """Gunicorn as PID 1 of a fresh PID namespace (what a JSON CMD, or `exec` in a shell, gives):
+    SIGTERM reaches it; every worker closes its pool and it exits 0 within 5 s."""
+    if argv[0] == "/bin/sh":
+        argv = [dash(), *argv[1:]]
+    running = start_as_pid1(argv, pg)
+    try:
+        init = namespace_init(running)
+        assert "gunicorn" in " ".join(init.cmdline()), init.cmdline()
+        began = time.monotonic()
+        init.send_signal(signal.SIGTERM)
+        code = running.proc.wait(timeout=20)
+        seconds = time.monotonic() - began
+        output = running.output()
+        print(f"\nerratum 2, no Docker, {' '.join(argv)} as PID 1: exit {code} {seconds:.2f}s after SIGTERM")
+        assert code == 0 and seconds < 5, f"exit {code} after {seconds:.1f}s\n{output}"
+        assert output.count("pool closed") == 2 and "Shutting down: Master" in output, output
+    finally:
+        running.close()
+
+
+def test_erratum_02_shell_form_pid1_ignores_sigterm(pg):
+    """`/bin/sh -c "gunicorn ..."` (a shell-form CMD) as PID 1 of a fresh PID namespace: SIGTERM is
+    dropped, Gunicorn keeps serving, and only SIGKILL ends it, with no pool ever closed."""
+    running = start_as_pid1([dash(), "-c", SHELL_FORM], pg)
+    try:
+        init = namespace_init(running)
+        assert init.name() == "dash" and init.children(), init.cmdline()  # sh forked Gunicorn, it did not exec
+        init.send_signal(signal.SIGTERM)
+        time.sleep(3)  # the exec form is gone well within this
+        assert running.proc.poll() is None and init.is_running()
+        assert get(running.url + "/health")[0] == 200
+        init.kill()  # what `docker stop` does when its timeout runs out
+        code = running.proc.wait(timeout=10)
+        output = running.output()
+        assert code != 0 and not init.is_running(), output
+        assert "Handling signal: term" not in output and "pool closed" not in output, output
+    finally:
+        running.close()
+
+
+def with_shell_form_cmd(docker, image: str, folder) -> str:
+    """The same image with the article's shell-form CMD on top."""
+    (folder / "Dockerfile").write_text(f"FROM {image}\nCMD {SHELL_FORM}\n")
+    return docker.build(f"{image}-shell-form", folder)
+
+
+def test_erratum_02_shell_form_cmd_waits_out_docker_stop_and_is_killed(images, docker, pg, pg_socket_dir,
+                                                                        tmp_path):
+    """The last chapter's image as built (exec-form CMD) and with the article's shell-form CMD, run
+    side by side: `docker stop` ends ours with exit 0 in under 5 s after every pool is closed; the
+    shell form has /bin/sh as PID 1, waits out the full 10 s timeout, exits 137 and closes nothing."""
+    ours = images[LAST.number]
+    article = with_shell_form_cmd(docker, ours, tmp_path)
+    url = pg.socket_dsn(fresh_database(pg, LAST.schema), socket_dir="/pgsock")
+    containers = [run_container(docker, image, port=8125, env={"WEB_CONCURRENCY": "3", "DATABASE_URL": url},
+                                mounts={pg_socket_dir: "/pgsock"}) for image in (ours, article)]
+    try:
+        in_parallel(lambda c: c.wait_until("/users/1"), containers)
+        pid1 = [c.processes()[0][2] for c in containers]
+        assert pid1[0].endswith("/gunicorn -c gunicorn.conf.py") and "/bin/sh" not in pid1[0], pid1
+        assert pid1[1] == f"/bin/sh -c {SHELL_FORM}", pid1
+        (exec_seconds, exec_code), (shell_seconds, shell_code) = in_parallel(lambda c: c.stop(), containers)
+        exec_logs, shell_logs = (c.logs() for c in containers)
+        print(f"\nerratum 2, docker stop: exec form exit {exec_code} in {exec_seconds:.2f}s; "
+              f"shell form exit {shell_code} in {shell_seconds:.2f}s")
+        assert exec_code == 0 and exec_seconds < 5, f"exit {exec_code} after {exec_seconds:.1f}s\n{exec_logs}"
+        assert exec_logs.count("pool closed") == 3, exec_logs
+        assert shell_code == 137 and shell_seconds >= 9.5, f"exit {shell_code} after {shell_seconds:.1f}s"
+        assert "pool closed" not in shell_logs and "Handling signal: term" not in shell_logs, shell_logs
+    finally:
+        for container in containers:
+            container.remove()
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "ERROR" in line]
+
+
+def test_erratum_10_control_socket_logs_an_error_in_a_read_only_home_less_container(images, docker):
+    """The last chapter's image on a read-only root, its user's home /nonexistent: Gunicorn started the
+    article's way (no config, so the control socket is on) logs an ERROR at boot; our CMD, whose config
+    sets control_socket_disable = True, logs none."""
+    image = images[LAST.number]
+    # `-c /dev/null`: Gunicorn would otherwise load our gunicorn.conf.py from the working folder.
+    article = ["gunicorn", "-c", "/dev/null", "app:create_app()", "--worker-class", "aiohttp.GunicornWebWorker",
+               "--bind", "0.0.0.0:8126", "--workers", "2"]
+    no_database = {"DATABASE_URL": "postgresql://postgres@/postgres?host=/nowhere"}
+    containers = [run_container(docker, image, *command, port=8126, env=no_database, read_only=True)
+                  for command in ([], article)]
+    try:
+        in_parallel(lambda c: c.wait_until("/health"), containers)
+        time.sleep(1)  # the control socket starts in a thread of its own; give it time to fail
+        ours, theirs = (c.logs() for c in containers)
+        control = [line for line in error_lines(theirs) if "Control server error" in line]
+        print(f"\nerratum 10, control socket on: {control[:1]}")
+        assert control, theirs
+        assert error_lines(ours) == [], ours
+        assert all(code == 0 for _, code in in_parallel(lambda c: c.stop(), containers))
+    finally:
+        for container in containers:
+            container.remove()
+
+
+@pytest.mark.parametrize("disabled", [False, True], ids=["control-socket-on", "control_socket_disable"])
+def test_erratum_10_control_socket_without_a_usable_home(disabled, tmp_path):
+    """Without Docker: Gunicorn with a HOME where no folder can be made (as on a read-only root) logs an
+    ERROR for its control socket at boot; with --no-control-socket (control_socket_disable) it does not."""
+    port = free_port()
+    (tmp_path / "file").write_text("")
+    env = chapter_env(port, HOME=str(tmp_path / "file" / "home"))
+    env.pop("XDG_RUNTIME_DIR", None)  # Gunicorn would prefer it over $HOME
+    argv = [sys.executable, "-m", "gunicorn", "app:create_app()", "--worker-class", "aiohttp.GunicornWebWorker",
+            "--bind", f"127.0.0.1:{port}", "--workers", "1", *(["--no-control-socket"] if disabled else [])]
+    with Running(argv, CH01.folder, env, port) as running:
+        running.wait_until("/health")
+        time.sleep(1)  # the control socket starts in a thread of its own
+        assert running.terminate() == 0
+        output = running.output()
+    errors = error_lines(output)
+    if disabled:
+        assert errors == [], output
+    else:
+        assert errors and "Control server error" in errors[0], errors
+
+
+# -- errata 5, 9 and 11 -------------------------------------------------------------------------------------
+# Erratum 11 is also covered per chapter: test_02_database_pool.py's
+# test_unreachable_database_at_boot_exits_nonzero_with_one_clear_line and
+# test_database_that_never_answers_does_not_stall_boot (chapters 02-05), and test_06_health_checks.py's
+# test_no_database_at_boot_stays_live_and_turns_ready_by_itself and
+# test_database_that_never_answers_at_boot_does_not_stall_ready (chapter 06 on). The tests below show the
+# article's side of it.
+CH04 = chapters.get("04")
+CH05 = chapters.get("05")
+
+
+def test_erratum_05_gunicorn_default_does_not_fit_under_docker_stop():
+    """Gunicorn waits 30 s by default, three times docker stop's 10 s; chapter 05 on waits 8 s."""
+    from gunicorn.config import Config
+
+    from conftest import load_module
+
+    docker_stop, kubernetes = 10, 30
+    assert Config().graceful_timeout == 30 >= kubernetes > docker_stop
+    for chapter in chapters.load():
+        if chapter.index >= 5:
+            conf = load_module(chapter.folder / "gunicorn.conf.py")
+            assert conf.graceful_timeout < docker_stop, chapter.name
+
+
+def sigterm_right_after_a_heartbeat(running: Running) -> None:
+    """SIGTERM the master just after its worker's once-a-second check: the worker then notices it
+    about 1 s late, the worst case, and every run of the test is the same."""
+    import psutil
+
+    [worker] = psutil.Process(running.pid).children()
+    fds = f"/proc/{worker.pid}/fd"
+    [beat] = [f"{fds}/{fd}" for fd in os.listdir(fds) if "wgunicorn-" in os.readlink(f"{fds}/{fd}")]
+    # the worker touches that (deleted) file each time it checks
+    last = os.stat(beat).st_mtime
+    deadline = time.monotonic() + 5
+    while os.stat(beat).st_mtime == last:
+        assert time.monotonic() < deadline, "the worker never touched its heartbeat file"
+        time.sleep(0.005)
+    os.kill(running.pid, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("chapter_number, teardown", [("04", False), ("05", True)])
+async def test_erratum_05_a_request_outlasting_the_drain(pg, chapter_number, teardown):
+    """graceful_timeout=3 and a request that never ends. The worker notices SIGTERM up to 1 s late and
+    aiohttp then drains for 95% of 3 s, so with Gunicorn and aiohttp as they are (chapter 04) the master's
+    SIGKILL at 3 s lands mid-drain: no teardown runs. Chapter 05 ends the worker's drain 2 s early: the
+    request is cut and every teardown runs. Either way the client's connection closes with no byte and
+    the master exits within graceful_timeout plus a margin."""
+    from conftest import fresh_database
+    from test_05_graceful_shutdown import UsersLock, read_until_closed, send_request
+
+    chapter = chapters.get(chapter_number)
+    database = fresh_database(pg, chapter.schema)
+    graceful = 3
+    async with UsersLock(pg.dsn(database)) as lock:
+        port = free_port()
+        env = chapter_env(port, pg.dsn(database), WEB_CONCURRENCY="1",
+                          GUNICORN_CMD_ARGS=f"--graceful-timeout {graceful}")
+        with Running(chapter.argv, chapter.folder, env, port) as running:
+            await asyncio.to_thread(running.wait_until, "/health")
+            sock = send_request(port, "/users/1")
+            await lock.wait_for_waiters(1)
+            began = time.monotonic()
+            await asyncio.to_thread(sigterm_right_after_a_heartbeat, running)
+            received = await asyncio.to_thread(read_until_closed, sock)
+            code = await asyncio.to_thread(running.proc.wait, graceful + 15)
+            exited_after = time.monotonic() - began
+            output = running.output()
+    assert received == b""
+    assert exited_after < graceful + 5, f"{exited_after:.1f}s"
+    assert code == 0, output
+    assert "shutdown started" in output or chapter_number == "04"  # chapter 04 has no such line
+    assert ("pool closed" in output) is teardown, output
+    assert ("Worker exiting" in output) is teardown, output  # else the master's SIGKILL ended it
+
+
+ARTICLE_ORDER_APP = '''
+import logging, os
+import asyncpg
+from aiohttp import web
+
+log = logging.getLogger("article")
+pool_key = web.AppKey("pool", asyncpg.Pool)
+
+async def pg_pool(app):
+    app[pool_key] = await asyncpg.create_pool(dsn=os.environ["DATABASE_URL"], min_size=2, max_size=10)
+    log.warning("pool ready")
+    yield
+    await app[pool_key].close()
+    log.warning("pool closed")
+
+async def cache(app):  # "add them as additional cleanup contexts": one whose server is not up
+    raise ConnectionRefusedError("the cache is not up")
+    yield
+
+def create_app():
+    app = web.Application()
+    app.cleanup_ctx.append(pg_pool)
+    app.cleanup_ctx.append(cache)
+    return app
+'''
+
+
+def test_erratum_09_a_later_context_failing_leaves_the_pool_without_teardown(pg, tmp_path):
+    """Under Gunicorn's aiohttp worker the article's pool opens, a later cleanup context fails, the worker
+    gives up: the pool's teardown never runs ("pool closed" is never logged), despite the article's
+    "this guarantees the pool closes cleanly even on errors"."""
+    from conftest import fresh_database
+
+    (tmp_path / "app.py").write_text(ARTICLE_ORDER_APP)
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "app:create_app()", "--bind", f"127.0.0.1:{port}",
+            "--worker-class", "aiohttp.GunicornWebWorker", "--workers", "1"]
+    env = chapter_env(port, pg.dsn(fresh_database(pg, CH02.schema)))
+    with Running(argv, tmp_path, env, port) as running:
+        code = running.proc.wait(timeout=30)
+        output = running.output()
+    assert code != 0
+    assert "pool ready" in output and "the cache is not up" in output
+    assert "pool closed" not in output
+
+
+async def test_erratum_09_aiohttp_runner_tears_down_only_if_cleanup_is_called(pg):
+    """What aiohttp 3.14 really does: AppRunner.setup() leaves the earlier context open (its connections
+    stay in pg_stat_activity); it is torn down only if the caller then calls runner.cleanup(), which
+    neither web.run_app nor Gunicorn's aiohttp worker does after a failed startup."""
+    from conftest import fresh_database
+
+    database = fresh_database(pg, CH02.schema)
+    closed = []
+
+    async def pool_ctx(app):
+        pool = await asyncpg.create_pool(pg.dsn(database), min_size=2, max_size=2)
+        yield
+        await pool.close()
+        closed.append(True)
+
+    async def failing_ctx(app):
+        raise ConnectionRefusedError("the cache is not up")
+        yield
+
+    app = web.Application()
+    app.cleanup_ctx.append(pool_ctx)
+    app.cleanup_ctx.append(failing_ctx)
+    runner = web.AppRunner(app)
+    with pytest.raises(ConnectionRefusedError):
+        await runner.setup()
+    assert count_connections(pg, database) == 2 and not closed  # left open by the failed startup
+    await runner.cleanup()
+    assert closed and count_connections(pg, database) == 0
+
+
+async def test_erratum_09_our_pool_comes_first_so_nothing_is_left_open(app_module_05, monkeypatch):
+    """The chapter's order: the pool, which can fail, first; the session, which cannot, after. With the
+    database away at startup the pool stops the worker before any session exists."""
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+    app = app_module_05.create_app()
+    runner = web.AppRunner(app)
+    with pytest.raises(SystemExit) as stopped:
+        await runner.setup()
+    assert stopped.value.code == app_module_05.EXIT_NO_DATABASE
+    assert app.get(app_module_05.http_session) is None  # no session was ever opened, so none leaks
+
+
+@pytest.fixture
+def app_module_05():
+    from conftest import load_module
+
+    return load_module(CH05.folder / "app.py")
+
+
+def test_erratum_11_article_app_with_the_database_refusing_exits_nonzero_with_a_traceback(tmp_path):
+    """The article's pool and a database refusing connections: aiohttp >= 3.14.2's worker reports a boot
+    failure and Gunicorn exits non-zero, but with a traceback per worker, where our chapters (02-05) print
+    one clear line (test_02_database_pool.py)."""
+    (tmp_path / "app.py").write_text(ARTICLE_ORDER_APP)
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "app:create_app()", "--bind", f"127.0.0.1:{port}",
+            "--worker-class", "aiohttp.GunicornWebWorker", "--workers", "2"]
+    env = chapter_env(port, f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+    with Running(argv, tmp_path, env, port) as running:
+        code = running.proc.wait(timeout=30)
+        output = running.output()
+    assert code != 0
+    assert "Traceback" in output and "ConnectionRefusedError" in output
+
+
+async def test_erratum_11_asyncpg_waits_60_s_for_a_silent_database_unless_told(app_module_05):
+    """asyncpg's connect timeout defaults to 60 s: against a server that accepts and never answers, a
+    connect without timeout= is still waiting after our CONNECT_TIMEOUT; with it, it gives up."""
+    import inspect
+
+    from test_02_database_pool import silent_server
+
+    assert inspect.signature(asyncpg.connect).parameters["timeout"].default == 60
+    limit = app_module_05.CONNECT_TIMEOUT
+    with silent_server() as port:
+        dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        waiting = asyncio.ensure_future(asyncpg.connect(dsn))
+        done, _ = await asyncio.wait({waiting}, timeout=limit + 1)
+        assert not done  # the article's pool would still be booting
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncpg.connect(dsn, timeout=0.5)

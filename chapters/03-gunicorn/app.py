@@ -1,4 +1,4 @@
-"""Chapter 02: an asyncpg pool owned by a cleanup context, and a user looked up by id."""
+"""Chapter 03: chapter 02's app, served by several Gunicorn workers (see gunicorn.conf.py), a pool in each."""
 import asyncio
 import datetime
 import decimal

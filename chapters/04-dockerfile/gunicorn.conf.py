@@ -1,0 +1,72 @@
+"""Gunicorn settings for chapter 04. Run: gunicorn -c gunicorn.conf.py (the image's CMD runs the same)."""
+import os
+
+# --8<-- [start:app]
+# 'app:create_app()' calls the factory once per worker. A bare 'app:create_app' would hand
+# Gunicorn the function itself, which aiohttp's worker rejects unless it is async (erratum 1).
+wsgi_app = "app:create_app()"
+worker_class = "aiohttp.GunicornWebWorker"
+# --8<-- [end:app]
+
+# --8<-- [start:env]
+bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# --8<-- [end:env]
+
+# --8<-- [start:container]
+# Gunicorn 25+ opens a control socket under $HOME (or $XDG_RUNTIME_DIR) for `gunicornc`. A container
+# user has no writable home and may run on a read-only root, where that socket is an ERROR at every
+# boot; nothing in a container talks to it, so it stays off (erratum 10).
+control_socket_disable = True
+# --8<-- [end:container]
+
+# --8<-- [start:logging]
+accesslog = "-"
+# Gunicorn configures only its own loggers; this sends the app's log lines (pool ready, pool
+# closed) to stderr too, once each.
+logconfig_dict = {
+    "root": {"level": "INFO", "handlers": ["error_console"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+    },
+}
+# --8<-- [end:logging]
+
+
+# --8<-- [start:budget]
+def when_ready(server):
+    """Say once, at boot, how many database connections this setup may hold."""
+    from app import POOL_MAX_SIZE, POOL_MIN_SIZE
+
+    n = server.cfg.workers
+    server.log.info(
+        "connection budget: %d workers x min_size %d = %d at boot, x max_size %d = up to %d",
+        n, POOL_MIN_SIZE, n * POOL_MIN_SIZE, POOL_MAX_SIZE, n * POOL_MAX_SIZE,
+    )
+# --8<-- [end:budget]
+
+
+# --8<-- [start:preflight]
+def on_starting(server):
+    """Try the database once in the master, before any worker forks.
+
+    Without this, every worker fails on its own and Gunicorn may trip over the second failure while
+    halting on the first, printing its own traceback over our one clear line.
+    """
+    import asyncio
+
+    import asyncpg
+    from app import CONNECT_TIMEOUT, DEFAULT_DATABASE_URL, EXIT_NO_DATABASE
+
+    async def probe():
+        conn = await asyncpg.connect(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL),
+                                     timeout=CONNECT_TIMEOUT)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:  # whatever the cause, the message and the exit code are the same
+        server.log.critical("cannot reach the database: %r; is DATABASE_URL right and the server up?", exc)
+        raise SystemExit(EXIT_NO_DATABASE) from None
+# --8<-- [end:preflight]
