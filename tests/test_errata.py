@@ -1,7 +1,8 @@
 """Where the article is wrong (design.md, "Errata"): each test runs the article's pattern, shows it
 failing the way the erratum says, and shows our chapter's way working.
 
-Errata 2, 5, 9, 10 and 11 (containers, shutdown, startup) are in test_errata_deploy.py.
+Errata 1, 3, 4, 6, 7 and 8 come first; then the containers (2, 10) and shutdown and startup (5, 9, 11).
+Erratum 11 is also covered where each chapter boots: tests/test_02_database_pool.py and test_06_health_checks.py.
 """
 import asyncio
 import datetime

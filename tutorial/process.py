@@ -12,6 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 from .chapters import Chapter
 
 
@@ -67,7 +69,8 @@ class Running:
         return self.log_path.read_text(errors="replace")
 
     def wait_until(self, path: str = "/health", status: int = 200, timeout: float = 30.0) -> None:
-        """Poll until `path` answers `status`; fail early, with the output, if the process dies."""
+        """Poll until `path` answers `status` and every worker can take a signal; fail early, with the
+        output, if the process dies."""
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
@@ -76,6 +79,7 @@ class Running:
             try:
                 code, _ = get(self.url + path, timeout=2)
                 if code == status:
+                    self.workers_listening_for_signals()
                     return
                 last = code
             except OSError as exc:
@@ -83,9 +87,31 @@ class Running:
             time.sleep(0.05)
         raise TimeoutError(f"{path} did not answer {status} in {timeout}s (last: {last}):\n{self.output()}")
 
+    def workers_listening_for_signals(self, timeout: float = 10.0) -> None:
+        """Wait until every Gunicorn worker has installed aiohttp's signal handlers.
+
+        A worker forked a moment ago still runs the master's handlers, which only queue a signal for
+        the master's loop: a SIGTERM relayed to it then is lost, and the master waits out
+        graceful_timeout before it kills. aiohttp's worker catches SIGABRT, the master does not, so
+        the SigCgt mask in /proc tells the two apart (Linux only; elsewhere this returns at once).
+        """
+        abrt = 1 << (signal.SIGABRT - 1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                children = psutil.Process(self.pid).children()
+                masks = [int(Path(f"/proc/{c.pid}/status").read_text().split("SigCgt:")[1].split()[0], 16)
+                         for c in children]
+            except (psutil.Error, OSError, IndexError):
+                return
+            if all(mask & abrt for mask in masks):
+                return
+            time.sleep(0.05)
+
     def terminate(self, timeout: float = 20.0) -> int:
         """SIGTERM, as a platform sends it; returns the exit code (or kills after `timeout`)."""
         if self.proc.poll() is None:
+            self.workers_listening_for_signals()
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
