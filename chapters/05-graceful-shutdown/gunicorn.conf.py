@@ -29,13 +29,17 @@ graceful_timeout = 8
 
 
 def post_worker_init(worker):
-    """Make each worker's drain end 2 s before the master's kill, so the teardown always runs.
+    """Let every worker finish its drain and its teardown before the master's kill.
 
-    aiohttp's worker checks for SIGTERM once a second, so its drain may start up to 1 s late, and
-    then lasts 95% of graceful_timeout: left alone, the master's SIGKILL at graceful_timeout lands
-    while it is still draining, and no cleanup context's teardown runs. This changes only the
-    worker's copy of the setting; the master still waits the full graceful_timeout.
+    aiohttp's worker notices SIGTERM only at its next once-a-second check, and then drains for 95%
+    of graceful_timeout: left alone, the master's SIGKILL at graceful_timeout can land mid-drain,
+    and no cleanup context's teardown runs. So, in this worker only: SIGTERM wakes it at once, as
+    SIGINT and SIGQUIT already do, and its drain ends 2 s before the master's kill (the master
+    still waits the full graceful_timeout).
     """
+    import signal
+
+    worker.loop.add_signal_handler(signal.SIGTERM, worker.handle_quit, signal.SIGTERM, None)
     worker.cfg.set("graceful_timeout", max(worker.cfg.graceful_timeout - 2, 0))
 # --8<-- [end:shutdown]
 
