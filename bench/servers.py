@@ -86,6 +86,20 @@ def post_worker_init(worker):
         _chapter_post_worker_init(worker)"""
 
 
+# The default variants undo any hook of the chapter's that rebinds SIGTERM, so their idle stop is the
+# stock one: aiohttp's worker hears SIGTERM through handle_exit, at its next once-a-second tick.
+SLOW_STOP_HOOK = """\
+_chapter_post_worker_init = globals().get("post_worker_init")
+
+
+def post_worker_init(worker):
+    import signal
+
+    if _chapter_post_worker_init:
+        _chapter_post_worker_init(worker)
+    worker.loop.add_signal_handler(signal.SIGTERM, worker.handle_exit, signal.SIGTERM, None)"""
+
+
 def gunicorn_argv(folder: Path, chapter: Chapter, variant, scratch: Path) -> list[str]:
     argv = chapter.argv
     if argv[0] != "gunicorn":
@@ -97,6 +111,8 @@ def gunicorn_argv(folder: Path, chapter: Chapter, variant, scratch: Path) -> lis
         overrides.append("reuse_port = False")
     if variant.fast_stop:
         overrides.append(FAST_STOP_HOOK)
+    elif variant.fast_stop is False:
+        overrides.append(SLOW_STOP_HOOK)
     if overrides:
         at = argv.index("-c") + 1 if "-c" in argv else None
         conf = folder / (argv[at] if at else "gunicorn.conf.py")

@@ -127,7 +127,9 @@ async def test_sigterm_lets_a_request_in_flight_finish(chapter, pg, db_name):
     """A lookup blocked in the database when SIGTERM arrives still answers 200 once it can; then every
     worker runs every teardown, the master exits 0 and no connection is left in pg_stat_activity."""
     async with UsersLock(pg.dsn(db_name)) as lock:
-        with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="2") as running:
+        # the access log (off by default from chapter 06) shows when the request was answered
+        with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="2",
+                   GUNICORN_CMD_ARGS="--access-logfile -") as running:
             await asyncio.to_thread(running.wait_until, "/health")
             request = asyncio.create_task(asyncio.to_thread(get, running.url + "/users/1", 30))
             await lock.wait_for_waiters(1)

@@ -267,3 +267,41 @@ def test_database_that_never_answers_at_boot_does_not_stall_ready(chapter, app_m
             assert (status, body) == (503, UNAVAILABLE)
             assert took < app_module.READY_TIMEOUT + READY_MARGIN, f"/ready took {took:.1f}s"
         assert running.terminate() == 0
+
+
+# -- what the benchmark changed (docs/performance.md) ---------------------------------------------------------
+def test_workers_run_on_uvloop(chapter, app_module, pg, db_name):
+    """The workers are aiohttp's uvloop worker, and the app answers on uvloop's event loop as before."""
+    with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="1") as running:
+        running.wait_until("/ready")
+        assert get(running.url + "/users/1")[0] == 200
+        assert running.terminate() == 0
+        assert "Using worker: aiohttp.GunicornUVLoopWebWorker" in running.output()
+
+
+@pytest.mark.parametrize("cmd_args, lines", [("", 0), ("--access-logfile -", 1)])
+def test_access_log_is_off_unless_asked_for(chapter, pg, db_name, cmd_args, lines):
+    """No access-log line per request by default (the proxy in front logs them); GUNICORN_CMD_ARGS
+    with --access-logfile - turns it back on for a debugging session."""
+    with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="1", GUNICORN_CMD_ARGS=cmd_args) as running:
+        running.wait_until("/health")
+        assert get(running.url + "/users/1")[0] == 200
+        assert running.terminate() == 0
+        assert running.output().count('"GET /users/1 HTTP/1.1" 200') == lines, running.output()
+
+
+def test_each_worker_listens_on_a_socket_of_its_own(chapter, pg, db_name):
+    """With reuse_port every worker binds its own listening socket on PORT (the master holds none), so
+    the kernel spreads new connections over the workers; both answer."""
+    with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="2") as running:
+        running.wait_until("/ready")
+        wait_for_lines(running, "pool ready", 2)  # each worker binds its socket before its pool opens
+        master = psutil.Process(running.pid)
+        listening = {proc.pid: [c for c in proc.net_connections("tcp")
+                                if c.status == psutil.CONN_LISTEN and c.laddr.port == running.port]
+                     for proc in [master, *master.children()]}
+        assert listening.pop(master.pid) == []
+        assert sorted(len(socks) for socks in listening.values()) == [1, 1]
+        answered = {json.loads(get(running.url + "/health")[1])["status"] for _ in range(20)}
+        assert answered == {"ok"}
+        assert running.terminate() == 0
