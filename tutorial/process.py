@@ -93,13 +93,17 @@ class Running:
         A worker forked a moment ago still runs the master's handlers, which only queue a signal for
         the master's loop: a SIGTERM relayed to it then is lost, and the master waits out
         graceful_timeout before it kills. aiohttp's worker catches SIGABRT, the master does not, so
-        the SigCgt mask in /proc tells the two apart (Linux only; elsewhere this returns at once).
+        the SigCgt mask in /proc tells the two apart (Linux only; elsewhere, and for anything but
+        Gunicorn, this returns at once).
         """
         abrt = 1 << (signal.SIGABRT - 1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                children = psutil.Process(self.pid).children()
+                master = psutil.Process(self.pid)
+                if not any("gunicorn" in part for part in master.cmdline()):
+                    return  # python app.py, nginx: nothing of aiohttp's worker to wait for
+                children = master.children()
                 masks = [int(Path(f"/proc/{c.pid}/status").read_text().split("SigCgt:")[1].split()[0], 16)
                          for c in children]
             except (psutil.Error, OSError, IndexError):
