@@ -62,6 +62,19 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("chapter", wanted, ids=[c.name for c in wanted])
 
 
+def pytest_collection_modifyitems(config, items):
+    # A behaviour that no checked chapter has (make check CHAPTER=06 on a test marked until="05") is
+    # not a skip: it is left out, so neither CI nor a learner sees a SKIP line that means nothing.
+    def not_for_these_chapters(item):
+        skip = item.get_closest_marker("skip")
+        return skip is not None and str(skip.kwargs.get("reason", "")).startswith("got empty parameter set")
+
+    dropped = [item for item in items if not_for_these_chapters(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item not in dropped]
+
+
 def load_module(path: Path, name: str | None = None):
     """Import a chapter's file under a unique name, so chapters never see each other's modules."""
     name = name or f"chapter_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}_{path.stem}"

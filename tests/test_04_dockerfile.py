@@ -152,7 +152,8 @@ def workflow() -> dict:
 
 def test_ci_runs_one_job_per_chapter_from_chapters_toml(tmp_path):
     """The first job's own script, run here as GitHub runs it, lists every chapter of chapters.toml
-    with its test module, each of which exists; the chapter job takes its matrix from that list."""
+    with its test module, each of which exists; the chapter job takes its matrix from that list and
+    runs `make check` (tutorial.check) on that chapter's own folder."""
     jobs = workflow()["jobs"]
     [step] = [s for s in jobs["chapters"]["steps"] if s.get("id") == "list"]
     output = tmp_path / "github_output"
@@ -166,7 +167,8 @@ def test_ci_runs_one_job_per_chapter_from_chapters_toml(tmp_path):
     for entry in listed:
         assert (ROOT / entry["tests"]).is_file(), f"{entry['chapter']} has no test module {entry['tests']}"
     assert jobs["chapter"]["strategy"]["matrix"] == "${{ fromJSON(needs.chapters.outputs.matrix) }}"
-    assert "${{ matrix.tests }}" in json.dumps(jobs["chapter"]["steps"])
+    steps = json.dumps(jobs["chapter"]["steps"])
+    assert "tutorial.check" in steps and "${{ matrix.number }}" in steps and "chapters/${{ matrix.chapter }}" in steps
 
 
 def test_ci_image_job_uses_the_real_base():
