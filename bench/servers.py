@@ -229,6 +229,7 @@ class Server:
         """SIGTERM while idle, timed to the master's exit; then make sure the whole group is gone."""
         self._closed = True
         try:
+            self.running.workers_listening_for_signals()  # not part of the stop being timed
             t0 = time.monotonic()
             self.exit_code = self.running.terminate(timeout=20)
             self.stop_s = time.monotonic() - t0

@@ -50,10 +50,19 @@ def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
+def is_gunicorn(cmdline: list[str]) -> bool:
+    """Gunicorn's master itself: `python .../gunicorn ...` or `python -m gunicorn ...`."""
+    program = Path(cmdline[0]).name if cmdline else ""
+    return program.startswith(("python", "gunicorn")) and any(
+        Path(part).name == "gunicorn" for part in cmdline[:3])
+
+
 class Running:
     """A chapter started in a subprocess; its output goes to a file so a full pipe never blocks it."""
 
     def __init__(self, argv: list[str], cwd: Path, env: dict[str, str], port: int):
+        self.argv, self.env = list(argv), env
+        self.workers_confirmed = False  # set once every Gunicorn worker is known to take SIGTERM
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self._log = tempfile.NamedTemporaryFile(prefix="chapter-", suffix=".log", delete=False)
@@ -87,35 +96,58 @@ class Running:
             time.sleep(0.05)
         raise TimeoutError(f"{path} did not answer {status} in {timeout}s (last: {last}):\n{self.output()}")
 
+    def expected_workers(self) -> int | None:
+        """How many workers Gunicorn was asked for (--workers/-w, else WEB_CONCURRENCY), if we know."""
+        argv = [*self.argv, *self.env.get("GUNICORN_CMD_ARGS", "").split()]
+        for flag in ("--workers", "-w"):
+            if flag in argv[:-1]:
+                return int(argv[argv.index(flag) + 1])
+        return int(self.env["WEB_CONCURRENCY"]) if self.env.get("WEB_CONCURRENCY") else None
+
     def workers_listening_for_signals(self, timeout: float = 10.0) -> None:
-        """Wait until every Gunicorn worker has installed aiohttp's signal handlers.
+        """Wait until every Gunicorn worker is forked and has installed aiohttp's signal handlers.
 
         A worker forked a moment ago still runs the master's handlers, which only queue a signal for
         the master's loop: a SIGTERM relayed to it then is lost, and the master waits out
-        graceful_timeout before it kills. aiohttp's worker catches SIGABRT, the master does not, so
-        the SigCgt mask in /proc tells the two apart (Linux only; elsewhere, and for anything but
-        Gunicorn, this returns at once).
+        graceful_timeout before it kills. The master forks its workers a random fraction of 0.1 s
+        apart, so the first one may answer before the last exists. aiohttp's worker catches
+        SIGABRT, the master does not, so the SigCgt mask in /proc tells the two apart (Linux only;
+        elsewhere, and for anything but Gunicorn, this returns at once).
         """
         abrt = 1 << (signal.SIGABRT - 1)
         deadline = time.monotonic() + timeout
+        settled_since, last_seen = None, None
         while time.monotonic() < deadline:
             try:
-                master = psutil.Process(self.pid)
-                if not any("gunicorn" in part for part in master.cmdline()):
+                top = psutil.Process(self.pid)
+                # Gunicorn's master is the process itself, or sits under unshare or a shell
+                masters = [p for p in [top, *top.children(recursive=True)] if is_gunicorn(p.cmdline())]
+                if not masters:
                     return  # python app.py, nginx: nothing of aiohttp's worker to wait for
-                children = master.children()
+                children = masters[0].children()
                 masks = [int(Path(f"/proc/{c.pid}/status").read_text().split("SigCgt:")[1].split()[0], 16)
                          for c in children]
             except (psutil.Error, OSError, IndexError):
                 return
-            if all(mask & abrt for mask in masks):
+            seen = sorted(c.pid for c in children)
+            expected = self.expected_workers()
+            ready = len(seen) >= (expected or 1) and all(mask & abrt for mask in masks)
+            if ready and expected is not None:
+                self.workers_confirmed = True
                 return
+            if ready and seen == last_seen:
+                if time.monotonic() - settled_since >= 0.25:  # count unknown: wait for no late fork
+                    self.workers_confirmed = True
+                    return
+            else:
+                settled_since, last_seen = time.monotonic(), seen if ready else None
             time.sleep(0.05)
 
     def terminate(self, timeout: float = 20.0) -> int:
         """SIGTERM, as a platform sends it; returns the exit code (or kills after `timeout`)."""
         if self.proc.poll() is None:
-            self.workers_listening_for_signals()
+            if not self.workers_confirmed:
+                self.workers_listening_for_signals()
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
