@@ -60,6 +60,9 @@ def main(argv: list[str]) -> int:
         nonlocal stopping
         stopping = True
         if running.proc.poll() is None:
+            # A Ctrl-C in the first instant would reach a worker still being forked, which loses it, and
+            # Gunicorn would wait out graceful_timeout: wait (briefly) until every worker can take it.
+            running.workers_listening_for_signals(timeout=3)
             running.proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, forward)
