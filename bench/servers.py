@@ -74,21 +74,9 @@ def chapter_knobs(chapter: Chapter, env: dict[str, str]) -> tuple[tuple, int]:
 
 # aiohttp's worker takes SIGTERM through Gunicorn's handle_exit, which only clears `alive`: the worker
 # sees it at its next once-a-second tick. handle_quit (its SIGINT and SIGQUIT handler) also wakes it.
-FAST_STOP_HOOK = """\
-_chapter_post_worker_init = globals().get("post_worker_init")
-
-
-def post_worker_init(worker):
-    import signal
-
-    worker.loop.add_signal_handler(signal.SIGTERM, worker.handle_quit, signal.SIGTERM, None)
-    if _chapter_post_worker_init:
-        _chapter_post_worker_init(worker)"""
-
-
-# The default variants undo any hook of the chapter's that rebinds SIGTERM, so their idle stop is the
-# stock one: aiohttp's worker hears SIGTERM through handle_exit, at its next once-a-second tick.
-SLOW_STOP_HOOK = """\
+# The recommended variants route SIGTERM to handle_quit; the default ones put handle_exit back, undoing
+# any hook of the chapter's, so their idle stop is the stock one. Either runs the chapter's hook first.
+SIGTERM_HOOK = """\
 _chapter_post_worker_init = globals().get("post_worker_init")
 
 
@@ -97,7 +85,7 @@ def post_worker_init(worker):
 
     if _chapter_post_worker_init:
         _chapter_post_worker_init(worker)
-    worker.loop.add_signal_handler(signal.SIGTERM, worker.handle_exit, signal.SIGTERM, None)"""
+    worker.loop.add_signal_handler(signal.SIGTERM, worker.{handler}, signal.SIGTERM, None)"""
 
 
 def gunicorn_argv(folder: Path, chapter: Chapter, variant, scratch: Path) -> list[str]:
@@ -109,10 +97,8 @@ def gunicorn_argv(folder: Path, chapter: Chapter, variant, scratch: Path) -> lis
         overrides.append("accesslog = None  # aiohttp's worker then builds no access logger at all")
     if variant.reuse_port is False:
         overrides.append("reuse_port = False")
-    if variant.fast_stop:
-        overrides.append(FAST_STOP_HOOK)
-    elif variant.fast_stop is False:
-        overrides.append(SLOW_STOP_HOOK)
+    if variant.fast_stop is not None:
+        overrides.append(SIGTERM_HOOK.format(handler="handle_quit" if variant.fast_stop else "handle_exit"))
     if overrides:
         at = argv.index("-c") + 1 if "-c" in argv else None
         conf = folder / (argv[at] if at else "gunicorn.conf.py")

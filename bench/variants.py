@@ -23,7 +23,7 @@ class Variant:
     access_log: bool | None = None
     json: str | None = None  # "stdlib" or "orjson", where the chapter offers the switch (servers.py)
     reuse_port: bool | None = None  # Gunicorn's reuse_port: a listening socket per worker
-    fast_stop: bool | None = None  # SIGTERM wakes aiohttp's worker at once (servers.FAST_STOP_HOOK)
+    fast_stop: bool | None = None  # SIGTERM wakes aiohttp's worker at once (servers.SIGTERM_HOOK)
     paths: tuple[str, ...] = (ROOT_PATH, USERS_PATH)
     as_written: bool = False  # its settings are the chapter's own
 

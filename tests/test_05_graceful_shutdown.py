@@ -20,6 +20,8 @@ from aiohttp import web
 
 from tutorial.process import free_port, get, start
 
+from test_03_gunicorn import wait_for_lines
+
 SAMPLE_USER = {"id": 1, "public_id": "a8098c1a-f86e-11da-bd1a-00112444be1e", "name": "Ada Lovelace",
                "email": "ada@example.com", "balance": "1815.12", "created_at": "2026-06-26T09:30:00+00:00"}
 TEARDOWN = ("shutdown started", "http session closed", "pool closed")
@@ -80,14 +82,6 @@ async def settled_connections(lock: UsersLock, timeout: float = 10.0) -> int:
     return count
 
 
-async def wait_for_line(running, needle: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while needle not in running.output():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no line with {needle!r} in {timeout}s:\n{running.output()}")
-        await asyncio.sleep(0.05)
-
-
 def log_lines(output: str, needle: str) -> dict[int, int]:
     """{worker pid: index of its first log line containing needle}."""
     found: dict[int, int] = {}
@@ -135,7 +129,7 @@ async def test_sigterm_lets_a_request_in_flight_finish(chapter, pg, db_name):
             await lock.wait_for_waiters(1)
 
             os.kill(running.pid, signal.SIGTERM)
-            await wait_for_line(running, "shutdown started")  # the drain has begun...
+            await asyncio.to_thread(wait_for_lines, running, "shutdown started", 1)  # the drain has begun...
             assert not request.done()                          # ...and the request is still waiting
             await lock.release()
             status, body = await request

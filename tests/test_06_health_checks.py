@@ -32,20 +32,6 @@ def timed_get(url: str, timeout: float = 30.0) -> tuple[int, dict, float]:
     return status, json.loads(body), time.monotonic() - began
 
 
-def wait_for_status(url: str, status: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = get(url, 5)[0]
-        except OSError as exc:
-            last = exc
-        if last == status:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{url} never answered {status} in {timeout}s (last: {last})")
-
-
 def worker_pids(running) -> set[int]:
     return {child.pid for child in psutil.Process(running.pid).children()}
 
@@ -226,7 +212,7 @@ def test_database_stopped_while_running(chapter, app_module, own_server, own_db)
             assert (status, body) == (503, UNAVAILABLE) and took < app_module.CONNECT_TIMEOUT + MARGIN
 
         own_server.start()
-        wait_for_status(running.url + "/ready", 200)
+        running.wait_until("/ready", 200)
         for _ in range(4):
             assert get(running.url + "/ready")[0] == 200
             assert get(running.url + "/users/1")[0] == 200
@@ -250,7 +236,7 @@ def test_no_database_at_boot_stays_live_and_turns_ready_by_itself(chapter, own_s
         assert "Traceback" not in running.output()
 
         own_server.start()
-        wait_for_status(running.url + "/ready", 200)
+        running.wait_until("/ready", 200)
         assert get(running.url + "/users/1")[0] == 200
         assert worker_pids(running) == workers
         assert running.terminate() == 0
