@@ -114,7 +114,6 @@ def pg(tmp_path_factory):
         server.start()
     except DatabaseError as exc:
         pytest.fail(f"the test database could not start: {exc}", pytrace=False)
-    server.admin_dsn = server.dsn()
     yield server
     server.stop()
 
@@ -211,11 +210,11 @@ def docker():
 def base_image(docker):
     """The Dockerfile's own base when it is here or can be pulled; otherwise the stand-in, unless
     TUTORIAL_REAL_BASE=1 (as on GitHub's runners) says only the real one will do."""
-    from tutorial import docker_engine
+    from tutorial import docker_engine, standin
 
     real_only = os.environ.get("TUTORIAL_REAL_BASE") == "1"
     try:
-        return docker.base_image(docker_engine.dockerfile_arg("BASE_IMAGE"), allow_standin=not real_only)
+        return standin.base_image(docker, docker_engine.dockerfile_arg("BASE_IMAGE"), allow_standin=not real_only)
     except docker_engine.EngineError as exc:
         missing("a base image", str(exc))
 
