@@ -15,11 +15,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from helpers import missing
 
 from tutorial import chapters as manifest
 from tutorial import process
-
-from conftest import missing
 
 ROOT = manifest.ROOT
 DOCS = ROOT / "docs"
