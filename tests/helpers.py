@@ -106,7 +106,8 @@ class UsersLock:
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                 " AND pid <> ALL($1) AND wait_event_type = 'Lock'", self.ours)
 
-        await waiting.until_async(waiting_queries, timeout=timeout, done=lambda blocked: blocked >= count,
+        await waiting.until_async(waiting_queries, timeout=timeout,
+                                  done=lambda blocked: blocked >= count,
                                   waiting_for=f"{count} other session(s) to block on the lock",
                                   seen=lambda blocked: f"{blocked} blocked")
 

@@ -51,7 +51,7 @@ class Chapter:
     def index(self) -> int:
         return int(self.number)
 
-    # -- the naming rules: every tool asks the chapter, none works them out itself -------------------
+    # -- the naming rules: every tool asks the chapter, none works them out itself --------------
     @property
     def test_module(self) -> Path:
         """tests/test_NN_<slug, with underscores>.py: the tests of what this chapter introduces."""
@@ -109,8 +109,8 @@ def latest() -> Chapter:
 
 def matrix() -> dict:
     """The GitHub workflow's job matrix: one entry per chapter, with its folder and test module."""
-    return {"include": [{"chapter": c.name, "number": c.number, "tests": str(c.test_module.relative_to(ROOT))}
-                        for c in load()]}
+    return {"include": [{"chapter": c.name, "number": c.number,
+                         "tests": str(c.test_module.relative_to(ROOT))} for c in load()]}
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ T = TypeVar("T")
 Retry = tuple[type[BaseException], ...]
 
 
-def until(check: Callable[[], T], *, timeout: float, waiting_for: str, done: Callable[[T], bool] = bool,
-          retry_on: Retry = (), every: float = 0.05, seen: Callable[[Any], str] = str) -> T:
+def until(check: Callable[[], T], *, timeout: float, waiting_for: str,
+          done: Callable[[T], bool] = bool, retry_on: Retry = (), every: float = 0.05,
+          seen: Callable[[Any], str] = str) -> T:
     """Call `check` until `done(result)`, and return that result.
 
     A result that is not done, or an exception named in `retry_on`, is what we saw; once `timeout`
