@@ -1,7 +1,7 @@
 """One way to wait: run a check until it passes or the time runs out.
 
-Every wait in the tools and the tests goes through `until` (or `until_async`, for a check that must
-be awaited), so each one ends the same way: a TimeoutError that says what we were waiting for and
+The waits in tutorial/ and tests/ go through `until` (or `until_async`, for a check that must be
+awaited), so each one ends the same way: a TimeoutError that says what we were waiting for and
 what we saw last.
 """
 from __future__ import annotations
