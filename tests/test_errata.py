@@ -1,4 +1,4 @@
-"""Where the article is wrong (design.md, "Errata"): each test runs the article's pattern, shows it
+"""Where the article is wrong (docs/errata.md): each test runs the article's pattern, shows it
 failing the way the erratum says, and shows our chapter's way working.
 
 Errata 1, 3, 4, 6, 7 and 8 come first; then the containers (2, 10) and shutdown and startup (5, 9, 11).
