@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from types import ModuleType
 
 import asyncpg
 import pytest
@@ -42,7 +43,7 @@ def missing(what: str, how: str) -> None:
     pytest.skip(message)
 
 
-def load_module(path: Path, name: str | None = None):
+def load_module(path: Path, name: str | None = None) -> ModuleType:
     """Import a chapter's file under a unique name, so chapters never see each other's modules."""
     name = name or f"chapter_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
