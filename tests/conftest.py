@@ -9,30 +9,18 @@ learner's own folder.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
-import itertools
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import IN_CI, fresh_database, load_module, missing
 
 from tutorial import chapters as manifest
 from tutorial import process
-from tutorial.database import DatabaseError, LocalPostgres, execute, with_database
-
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
-
-def missing(what: str, how: str) -> None:
-    """A missing tool fails the run in CI and skips, with one line saying what to install, elsewhere."""
-    message = f"{what} is not available: {how}"
-    if IN_CI:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+from tutorial.database import DatabaseError, LocalPostgres, with_database
 
 
 # -- which chapters a test runs against ----------------------------------------------------------------
@@ -54,8 +42,8 @@ def pytest_configure(config):
 def pytest_generate_tests(metafunc):
     if "chapter" not in metafunc.fixturenames:
         return
-    found = re.match(r"test_(\d\d)_", metafunc.module.__name__.rpartition(".")[2])
-    first = int(found.group(1)) if found else 1
+    own = manifest.for_test_module(metafunc.module.__name__.rpartition(".")[2])
+    first = own.index if own else 1
     marker = metafunc.definition.get_closest_marker("chapters")
     last = int(marker.kwargs.get("until", 99)) if marker else 99
     wanted = [c for c in checked_chapters() if first <= c.index <= last]
@@ -74,16 +62,6 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = [item for item in items if item not in dropped]
-
-
-def load_module(path: Path, name: str | None = None):
-    """Import a chapter's file under a unique name, so chapters never see each other's modules."""
-    name = name or f"chapter_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -114,28 +92,8 @@ def pg(tmp_path_factory):
         server.start()
     except DatabaseError as exc:
         pytest.fail(f"the test database could not start: {exc}", pytrace=False)
-    server.admin_dsn = server.dsn()
     yield server
     server.stop()
-
-
-_templates: dict[str, str] = {}
-_counter = itertools.count(1)
-
-
-def fresh_database(pg, schema: Path | None) -> str:
-    """A new database for one test, cloned from a template that already holds the schema."""
-    sql = schema.read_text() if schema else ""
-    key = hashlib.sha1(sql.encode()).hexdigest()[:12]
-    if key not in _templates:
-        template = f"tpl_{key}"
-        execute(pg.admin_dsn, f"DROP DATABASE IF EXISTS {template}; CREATE DATABASE {template}")
-        if sql:
-            execute(pg.dsn(template), sql)
-        _templates[key] = template
-    name = f"t{os.getpid()}_{next(_counter)}"
-    execute(pg.admin_dsn, f"CREATE DATABASE {name} TEMPLATE {_templates[key]}")
-    return name
 
 
 @pytest.fixture
@@ -182,10 +140,6 @@ def pytest_report_header(config):
             f"ci: {IN_CI}"]
 
 
-def which(tool: str) -> str | None:
-    return shutil.which(tool)
-
-
 # -- a Docker engine of our own, for the container tests (see tutorial/docker_engine.py) ----------------
 @pytest.fixture(scope="session")
 def docker():
@@ -211,11 +165,11 @@ def docker():
 def base_image(docker):
     """The Dockerfile's own base when it is here or can be pulled; otherwise the stand-in, unless
     TUTORIAL_REAL_BASE=1 (as on GitHub's runners) says only the real one will do."""
-    from tutorial import docker_engine
+    from tutorial import docker_engine, standin
 
     real_only = os.environ.get("TUTORIAL_REAL_BASE") == "1"
     try:
-        return docker.base_image(docker_engine.dockerfile_arg("BASE_IMAGE"), allow_standin=not real_only)
+        return standin.base_image(docker, docker_engine.dockerfile_arg("BASE_IMAGE"), allow_standin=not real_only)
     except docker_engine.EngineError as exc:
         missing("a base image", str(exc))
 

@@ -2,23 +2,13 @@
 
 Each test runs against chapter 02 and every later chapter.
 """
-import socket
-import threading
 import time
 
 import pytest
 from aiohttp import web
+from helpers import SAMPLE_USER, connections_to, silent_server
 
 from tutorial.process import free_port, get, start
-
-SAMPLE_USER = {
-    "id": 1,
-    "public_id": "a8098c1a-f86e-11da-bd1a-00112444be1e",
-    "name": "Ada Lovelace",
-    "email": "ada@example.com",
-    "balance": "1815.12",
-    "created_at": "2026-06-26T09:30:00+00:00",
-}
 
 
 async def test_sample_user_as_json(client):
@@ -135,38 +125,3 @@ def test_database_that_never_answers_does_not_stall_boot(chapter, app_module):
     # Bounded by our timeout, nowhere near asyncpg's default of 60 s.
     assert waited < app_module.CONNECT_TIMEOUT * 3, f"took {waited:.1f}s"
 
-
-# -- helpers ------------------------------------------------------------------------------------------
-def connections_to(pg, database: str) -> int:
-    from tutorial.database import execute
-
-    return int(execute(pg.admin_dsn, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'"))
-
-
-class silent_server:
-    """A TCP listener that accepts every connection and never sends a byte."""
-
-    def __enter__(self) -> int:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.held: list[socket.socket] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-        return self.sock.getsockname()[1]
-
-    def _accept(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                self.held.append(self.sock.accept()[0])
-            except OSError:
-                continue
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        for conn in self.held:
-            conn.close()
-        self.sock.close()

@@ -3,27 +3,12 @@
 Each test runs against chapter 03 and every later chapter.
 """
 import re
-import time
 
 import psutil
 import pytest
+from helpers import connections_to, wait_for_lines
 
-from tutorial.database import execute
 from tutorial.process import get, start
-
-
-def wait_for_lines(running, needle: str, count: int, timeout: float = 20.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = [line for line in running.output().splitlines() if needle in line]
-        if len(lines) >= count:
-            return lines
-        time.sleep(0.05)
-    raise AssertionError(f"expected {count} lines with {needle!r}:\n{running.output()}")
-
-
-def app_connections(pg, database: str) -> int:
-    return int(execute(pg.admin_dsn, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'"))
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -32,9 +17,9 @@ def test_connections_at_boot_are_workers_times_min_size(chapter, app_module, pg,
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY=str(workers)) as running:
         running.wait_until("/health")
         wait_for_lines(running, "pool ready", workers)
-        assert app_connections(pg, db_name) == workers * app_module.POOL_MIN_SIZE
+        assert connections_to(pg, db_name) == workers * app_module.POOL_MIN_SIZE
         assert running.terminate() == 0
-    assert app_connections(pg, db_name) == 0
+    assert connections_to(pg, db_name) == 0
 
 
 def test_each_worker_is_a_process_with_its_own_pool(chapter, pg, db_name):

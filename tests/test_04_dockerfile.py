@@ -11,16 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import SAMPLE_USER, missing
+
 from tutorial import chapters as manifest
 from tutorial.docker_engine import dockerfile_arg, in_parallel, run_container
-
-from conftest import missing
 
 ROOT = manifest.ROOT
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 APP_UID = 10001
-SAMPLE_USER = {"id": 1, "public_id": "a8098c1a-f86e-11da-bd1a-00112444be1e", "name": "Ada Lovelace",
-               "email": "ada@example.com", "balance": "1815.12", "created_at": "2026-06-26T09:30:00+00:00"}
 
 
 # -- the Dockerfile as text ------------------------------------------------------------------------------

@@ -10,76 +10,28 @@ import json
 import os
 import re
 import signal
-import socket
 import time
 
 import aiohttp
-import asyncpg
 import pytest
 from aiohttp import web
+from helpers import SAMPLE_USER, UsersLock, read_until_closed, send_request, wait_for_lines
 
+from tutorial import waiting
 from tutorial.process import free_port, get, start
 
-from test_03_gunicorn import wait_for_lines
-
-SAMPLE_USER = {"id": 1, "public_id": "a8098c1a-f86e-11da-bd1a-00112444be1e", "name": "Ada Lovelace",
-               "email": "ada@example.com", "balance": "1815.12", "created_at": "2026-06-26T09:30:00+00:00"}
 TEARDOWN = ("shutdown started", "http session closed", "pool closed")
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-class UsersLock:
-    """A transaction of the test's own that holds an exclusive lock on users: every lookup waits for it.
-
-    A second connection watches pg_stat_activity: inside a transaction PostgreSQL would show the same
-    snapshot of it every time.
-    """
-
-    def __init__(self, dsn: str):
-        self.dsn = dsn
-
-    async def __aenter__(self) -> "UsersLock":
-        self.conn = await asyncpg.connect(self.dsn)
-        self.watch = await asyncpg.connect(self.dsn)
-        self.tx = self.conn.transaction()
-        await self.tx.start()
-        await self.conn.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        self.ours = [self.conn.get_server_pid(), self.watch.get_server_pid()]
-        return self
-
-    async def wait_for_waiters(self, count: int = 1, timeout: float = 20.0) -> None:
-        """Until `count` queries from other sessions are blocked on a lock in this database."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            waiting = await self.watch.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> ALL($1) AND wait_event_type = 'Lock'", self.ours)
-            if waiting >= count:
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no query ever waited on the lock in {timeout}s")
-
-    async def release(self) -> None:
-        if self.conn.is_in_transaction():  # a second rollback would be an error
-            await self.tx.rollback()
-
-    async def other_connections(self) -> int:
-        """Sessions in this database other than the test's own: the app's pool connections."""
-        return await self.watch.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                         " AND pid <> ALL($1)", self.ours)
-
-    async def __aexit__(self, *exc) -> None:
-        await self.release()
-        await self.conn.close()
-        await self.watch.close()
-
-
 async def settled_connections(lock: UsersLock, timeout: float = 10.0) -> int:
     """The app's connections once backends have had a moment to exit; 0 as soon as it is 0."""
-    deadline = time.monotonic() + timeout
-    while (count := await lock.other_connections()) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    return count
+    try:
+        return await waiting.until_async(lock.other_connections, timeout=timeout, every=0.1,
+                                         done=lambda count: count == 0,
+                                         waiting_for="the app's connections to close")
+    except TimeoutError:
+        return await lock.other_connections()  # the test's assertion shows what is left
 
 
 def log_lines(output: str, needle: str) -> dict[int, int]:
@@ -99,21 +51,6 @@ def assert_every_teardown_ran(output: str, workers: int) -> None:
     for pid in started:
         assert started[pid] < http[pid] < pool[pid], output  # cleanup contexts close in reverse order
     assert "Unclosed" not in output and "Traceback" not in output, output
-
-
-def send_request(port: int, path: str) -> socket.socket:
-    """A raw HTTP/1.1 request, so the test sees exactly what comes back, down to the last byte."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-    return sock
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    received = b""
-    with sock:
-        while chunk := sock.recv(65536):
-            received += chunk
-    return received
 
 
 # -- SIGTERM with a request in flight ---------------------------------------------------------------------

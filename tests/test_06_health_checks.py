@@ -5,7 +5,6 @@ PostgreSQL server of the test's own (the session's server is shared by every tes
 and starts again, a listener that accepts connections and never answers, and a TCP forwarder to the
 database that the test can make go silent mid-connection.
 """
-import itertools
 import json
 import select
 import socket
@@ -14,12 +13,11 @@ import time
 
 import psutil
 import pytest
+from helpers import fresh_database, silent_server, wait_for_lines
 
-from tutorial.database import LocalPostgres, execute
+from tutorial import waiting
+from tutorial.database import LocalPostgres
 from tutorial.process import get, start
-
-from test_02_database_pool import silent_server
-from test_03_gunicorn import wait_for_lines
 
 UNAVAILABLE = {"error": "Database Unavailable", "status": 503}
 MARGIN = 3.0  # seconds on top of a timeout the chapter promises; generous, the machine may be busy
@@ -163,9 +161,12 @@ async def test_database_gone_silent_does_not_stall_ready(aiohttp_client, app_mod
     assert (await client.get("/health")).status == 200
 
     proxy.restore()
-    deadline = time.monotonic() + 20
-    while (await client.get("/ready")).status != 200:
-        assert time.monotonic() < deadline, "/ready never recovered"
+
+    async def ready() -> int:
+        return (await client.get("/ready")).status
+
+    await waiting.until_async(ready, timeout=20, done=lambda status: status == 200,
+                              waiting_for="/ready to recover")
     assert (await client.get("/users/1")).status == 200
 
 
@@ -179,18 +180,12 @@ def own_server(tmp_path_factory):
     server.stop()
 
 
-_numbers = itertools.count(1)
-
-
 @pytest.fixture
 def own_db(own_server, chapter):
     """A fresh database with the chapter's schema on the test's own server, which is running again
     when the test ends whatever the test did to it."""
     own_server.start()
-    name = f"own_{next(_numbers)}"
-    execute(own_server.dsn(), f"CREATE DATABASE {name}")
-    execute(own_server.dsn(name), chapter.schema.read_text())
-    yield own_server.dsn(name)
+    yield own_server.dsn(fresh_database(own_server, chapter.schema))
     own_server.start()
 
 

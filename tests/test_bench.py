@@ -7,7 +7,8 @@ import shutil
 import subprocess
 import sys
 
-from conftest import missing
+from helpers import missing
+
 from tutorial import chapters
 
 ROOT = chapters.ROOT

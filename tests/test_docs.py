@@ -15,11 +15,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from helpers import missing
 
 from tutorial import chapters as manifest
 from tutorial import process
-
-from conftest import missing
 
 ROOT = manifest.ROOT
 DOCS = ROOT / "docs"
@@ -222,7 +221,7 @@ def test_diff_on_the_page_is_diff_of_the_two_folders(built_site, page_of):
     """'What changed since chapter N-1' shows, file by file, exactly the hunks `diff -ruN` prints for the
     two chapter folders, and names the two folders."""
     chapter = page_of
-    before = CHAPTERS[CHAPTERS.index(chapter) - 1]
+    before = chapter.previous
     page = built_site.page(page_url(chapter))
     shown = {}
     for title, text in rendered_blocks(page, "diff"):

@@ -1,13 +1,16 @@
-"""Where the article is wrong (design.md, "Errata"): each test runs the article's pattern, shows it
+"""Where the article is wrong (docs/errata.md): each test runs the article's pattern, shows it
 failing the way the erratum says, and shows our chapter's way working.
 
 Errata 1, 3, 4, 6, 7 and 8 come first; then the containers (2, 10) and shutdown and startup (5, 9, 11).
 Erratum 11 is also covered where each chapter boots: tests/test_02_database_pool.py and test_06_health_checks.py.
 """
+import ast
 import asyncio
 import datetime
+import inspect
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,12 +18,26 @@ import textwrap
 import threading
 import time
 
+import aiohttp
 import asyncpg
+import psutil
 import pytest
 from aiohttp import web
+from gunicorn.config import Config
+from helpers import (
+    UsersLock,
+    connections_to,
+    fresh_database,
+    load_module,
+    missing,
+    read_until_closed,
+    send_request,
+    silent_server,
+    wait_for_lines,
+)
 
-from tutorial import chapters
-from tutorial.database import execute
+from tutorial import chapters, waiting
+from tutorial.docker_engine import in_parallel, run_container
 from tutorial.process import Running, chapter_env, free_port, get
 
 CH01 = chapters.get("01")
@@ -88,8 +105,6 @@ async def article_get_user(request):
 
 @pytest.fixture
 def users_db(pg):
-    from conftest import fresh_database
-
     return pg.dsn(fresh_database(pg, CH02.schema))
 
 
@@ -106,8 +121,6 @@ async def test_erratum_03_article_handler_answers_500(aiohttp_client, users_db, 
 @pytest.mark.parametrize("user_id", ["abc", "2147483648"])
 async def test_erratum_03_our_route_answers_404(aiohttp_client, users_db, user_id, monkeypatch):
     """The chapter's strict route and range check turn the same input into a JSON 404."""
-    from conftest import load_module
-
     monkeypatch.setenv("DATABASE_URL", users_db)
     client = await aiohttp_client(load_module(CH02.folder / "app.py").create_app())
     response = await client.get(f"/users/{user_id}")
@@ -137,8 +150,6 @@ async def test_erratum_04_article_handler_answers_500(aiohttp_client, users_db):
 
 async def test_erratum_04_our_encoder_and_column_list(aiohttp_client, users_db, monkeypatch):
     """Our dumps encodes all three types, and the column list leaves password_hash out."""
-    from conftest import load_module
-
     monkeypatch.setenv("DATABASE_URL", users_db)
     module = load_module(CH02.folder / "app.py")
     client = await aiohttp_client(module.create_app())
@@ -150,16 +161,18 @@ async def test_erratum_04_our_encoder_and_column_list(aiohttp_client, users_db, 
 
 
 # -- Erratum 6: workers x min_size at boot, up to workers x max_size, more during a reload --------------------
-def count_connections(pg, database: str) -> int:
-    return int(execute(pg.admin_dsn, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'"))
+def highest(sample, seconds: float, every: float) -> int:
+    """The highest value sample() gives over `seconds`: a peak, not a wait (it runs the whole time)."""
+    peak, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        peak = max(peak, sample())
+        time.sleep(every)
+    return peak
 
 
 def test_erratum_06_connections_grow_under_load_and_during_reload(pg):
     """2 workers: 4 connections at boot; blocked queries grow pools past that (never past 2 x 10);
     a reload (SIGHUP) briefly holds old and new workers' pools at once."""
-    from conftest import fresh_database, load_module
-    from test_03_gunicorn import wait_for_lines
-
     database = fresh_database(pg, CH03.schema)
     sizes = load_module(CH03.folder / "app.py")
     port = free_port()
@@ -167,7 +180,7 @@ def test_erratum_06_connections_grow_under_load_and_during_reload(pg):
     with Running(CH03.argv, CH03.folder, env, port) as running:
         running.wait_until("/health")
         wait_for_lines(running, "pool ready", 2)
-        assert count_connections(pg, database) == 2 * sizes.POOL_MIN_SIZE
+        assert connections_to(pg, database) == 2 * sizes.POOL_MIN_SIZE
 
         # Hold a lock on users so every lookup waits inside the pool, holding a connection.
         locker = subprocess.Popen(
@@ -185,11 +198,7 @@ def test_erratum_06_connections_grow_under_load_and_during_reload(pg):
         threads = [threading.Thread(target=get, args=(running.url + "/users/1", 30)) for _ in range(40)]
         for t in threads:
             t.start()
-        peak = 0
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            peak = max(peak, count_connections(pg, database) - 1)  # minus the locker
-            time.sleep(0.1)
+        peak = highest(lambda: connections_to(pg, database) - 1, seconds=5, every=0.1)  # minus the locker
         locker.stdin.write("\n")
         locker.stdin.close()
         locker.wait(10)
@@ -201,11 +210,7 @@ def test_erratum_06_connections_grow_under_load_and_during_reload(pg):
         # A reload starts new workers (new pools) before the old ones finish closing theirs.
         assert get(running.url + "/users/1")[0] == 200
         os.kill(running.pid, signal.SIGHUP)
-        peak = 0
-        deadline = time.monotonic() + 6
-        while time.monotonic() < deadline:
-            peak = max(peak, count_connections(pg, database))
-            time.sleep(0.02)
+        peak = highest(lambda: connections_to(pg, database), seconds=6, every=0.02)
         assert peak > 2 * sizes.POOL_MIN_SIZE
         assert running.terminate() == 0
 
@@ -221,8 +226,6 @@ def test_erratum_07_module_scope_client_session_raises():
 
 async def test_erratum_07_session_in_a_cleanup_context_works(aiohttp_client):
     """Created inside a cleanup context it binds to the running loop, and is closed at cleanup."""
-    import aiohttp
-
     http_key = web.AppKey("http", aiohttp.ClientSession)
 
     async def http_client(app):
@@ -253,8 +256,6 @@ def test_erratum_08_string_keys_warn_but_the_warning_is_hidden_by_default():
 
 def test_erratum_08_chapters_use_typed_keys():
     """No chapter indexes an Application (app[...], request.app[...]) with a string."""
-    import ast
-
     for chapter in chapters.load():
         tree = ast.parse((chapter.folder / "app.py").read_text())
         for node in ast.walk(tree):
@@ -269,20 +270,13 @@ def test_erratum_08_chapters_use_typed_keys():
 # without Docker (a PID namespace of our own, so a learner with no engine sees it), then in a container.
 # Erratum 10: Gunicorn 25+ starts a control socket under $HOME unless told not to; a container user with
 # no writable home logs an ERROR for it at every boot.
-import shutil as _shutil
-
-import psutil
-
-from conftest import fresh_database, missing
-from tutorial.docker_engine import in_parallel, run_container
-
 LAST = chapters.latest()
 SHELL_FORM = "gunicorn -c gunicorn.conf.py"  # the article's `CMD gunicorn ...`, run by /bin/sh -c
 
 
 def pid_namespace_argv() -> list[str]:
     """unshare's argv for a new PID namespace with its own /proc; unprivileged, a user namespace too."""
-    if not _shutil.which("unshare"):
+    if not shutil.which("unshare"):
         missing("unshare", "apt-get install util-linux")
     argv = ["unshare", "--pid", "--fork", "--mount-proc"]
     if os.geteuid() != 0:
@@ -296,7 +290,7 @@ def pid_namespace_argv() -> list[str]:
 def dash() -> str:
     """Debian's /bin/sh, the shell a python:*-slim image runs a shell-form CMD with. (bash would exec a
     lone command itself and hide the bug.)"""
-    found = _shutil.which("dash")
+    found = shutil.which("dash")
     if not found:
         missing("dash", "apt-get install dash (the /bin/sh of Debian-based images)")
     return found
@@ -304,13 +298,9 @@ def dash() -> str:
 
 def namespace_init(running: Running, timeout: float = 10.0) -> psutil.Process:
     """PID 1 of the namespace, seen from here: unshare's only child."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        children = psutil.Process(running.pid).children()
-        if children:
-            return children[0]
-        time.sleep(0.05)
-    raise TimeoutError(f"unshare started nothing:\n{running.output()}")
+    children = waiting.until(psutil.Process(running.pid).children, timeout=timeout,
+                             waiting_for="unshare to start its child", seen=lambda _: running.output())
+    return children[0]
 
 
 def start_as_pid1(argv: list[str], pg) -> Running:
@@ -457,16 +447,11 @@ def test_erratum_10_control_socket_without_a_usable_home(disabled, tmp_path):
 # test_no_database_at_boot_stays_live_and_turns_ready_by_itself and
 # test_database_that_never_answers_at_boot_does_not_stall_ready (chapter 06 on). The tests below show the
 # article's side of it.
-CH04 = chapters.get("04")
 CH05 = chapters.get("05")
 
 
 def test_erratum_05_gunicorn_default_does_not_fit_under_docker_stop():
     """Gunicorn waits 30 s by default, three times docker stop's 10 s; chapter 05 on waits 8 s."""
-    from gunicorn.config import Config
-
-    from conftest import load_module
-
     docker_stop, kubernetes = 10, 30
     assert Config().graceful_timeout == 30 >= kubernetes > docker_stop
     for chapter in chapters.load():
@@ -478,17 +463,13 @@ def test_erratum_05_gunicorn_default_does_not_fit_under_docker_stop():
 def sigterm_right_after_a_heartbeat(running: Running) -> None:
     """SIGTERM the master just after its worker's once-a-second check: the worker then notices it
     about 1 s late, the worst case, and every run of the test is the same."""
-    import psutil
-
     [worker] = psutil.Process(running.pid).children()
     fds = f"/proc/{worker.pid}/fd"
     [beat] = [f"{fds}/{fd}" for fd in os.listdir(fds) if "wgunicorn-" in os.readlink(f"{fds}/{fd}")]
     # the worker touches that (deleted) file each time it checks
     last = os.stat(beat).st_mtime
-    deadline = time.monotonic() + 5
-    while os.stat(beat).st_mtime == last:
-        assert time.monotonic() < deadline, "the worker never touched its heartbeat file"
-        time.sleep(0.005)
+    waiting.until(lambda: os.stat(beat).st_mtime != last, timeout=5, every=0.005,
+                  waiting_for="the worker to touch its heartbeat file")
     os.kill(running.pid, signal.SIGTERM)
 
 
@@ -499,9 +480,6 @@ async def test_erratum_05_a_request_outlasting_the_drain(pg, chapter_number, tea
     SIGKILL at 3 s lands mid-drain: no teardown runs. Chapter 05 ends the worker's drain 2 s early: the
     request is cut and every teardown runs. Either way the client's connection closes with no byte and
     the master exits within graceful_timeout plus a margin."""
-    from conftest import fresh_database
-    from test_05_graceful_shutdown import UsersLock, read_until_closed, send_request
-
     chapter = chapters.get(chapter_number)
     database = fresh_database(pg, chapter.schema)
     graceful = 3
@@ -558,8 +536,6 @@ def test_erratum_09_a_later_context_failing_leaves_the_pool_without_teardown(pg,
     """Under Gunicorn's aiohttp worker the article's pool opens, a later cleanup context fails, the worker
     gives up: the pool's teardown never runs ("pool closed" is never logged), despite the article's
     "this guarantees the pool closes cleanly even on errors"."""
-    from conftest import fresh_database
-
     (tmp_path / "app.py").write_text(ARTICLE_ORDER_APP)
     port = free_port()
     argv = [sys.executable, "-m", "gunicorn", "app:create_app()", "--bind", f"127.0.0.1:{port}",
@@ -577,8 +553,6 @@ async def test_erratum_09_aiohttp_runner_tears_down_only_if_cleanup_is_called(pg
     """What aiohttp 3.14 really does: AppRunner.setup() leaves the earlier context open (its connections
     stay in pg_stat_activity); it is torn down only if the caller then calls runner.cleanup(), which
     neither web.run_app nor Gunicorn's aiohttp worker does after a failed startup."""
-    from conftest import fresh_database
-
     database = fresh_database(pg, CH02.schema)
     closed = []
 
@@ -598,9 +572,9 @@ async def test_erratum_09_aiohttp_runner_tears_down_only_if_cleanup_is_called(pg
     runner = web.AppRunner(app)
     with pytest.raises(ConnectionRefusedError):
         await runner.setup()
-    assert count_connections(pg, database) == 2 and not closed  # left open by the failed startup
+    assert connections_to(pg, database) == 2 and not closed  # left open by the failed startup
     await runner.cleanup()
-    assert closed and count_connections(pg, database) == 0
+    assert closed and connections_to(pg, database) == 0
 
 
 async def test_erratum_09_our_pool_comes_first_so_nothing_is_left_open(app_module_05, monkeypatch):
@@ -617,8 +591,6 @@ async def test_erratum_09_our_pool_comes_first_so_nothing_is_left_open(app_modul
 
 @pytest.fixture
 def app_module_05():
-    from conftest import load_module
-
     return load_module(CH05.folder / "app.py")
 
 
@@ -641,10 +613,6 @@ def test_erratum_11_article_app_with_the_database_refusing_exits_nonzero_with_a_
 async def test_erratum_11_asyncpg_waits_60_s_for_a_silent_database_unless_told(app_module_05):
     """asyncpg's connect timeout defaults to 60 s: against a server that accepts and never answers, a
     connect without timeout= is still waiting after our CONNECT_TIMEOUT; with it, it gives up."""
-    import inspect
-
-    from test_02_database_pool import silent_server
-
     assert inspect.signature(asyncpg.connect).parameters["timeout"].default == 60
     limit = app_module_05.CONNECT_TIMEOUT
     with silent_server() as port:

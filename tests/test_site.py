@@ -16,10 +16,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from helpers import missing
 
 from tutorial import chapters as manifest
-
-from conftest import missing
 
 CHAPTERS = manifest.load()
 CHROMIUM = "/usr/bin/chromium"

@@ -1,6 +1,7 @@
 """The chapter manifest, chapters.toml: the one list every other tool reads."""
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -50,14 +51,46 @@ class Chapter:
     def index(self) -> int:
         return int(self.number)
 
+    # -- the naming rules: every tool asks the chapter, none works them out itself --------------
+    @property
+    def test_module(self) -> Path:
+        """tests/test_NN_<slug, with underscores>.py: the tests of what this chapter introduces."""
+        return ROOT / "tests" / f"test_{self.number}_{self.slug.replace('-', '_')}.py"
+
+    @property
+    def previous(self) -> Chapter | None:
+        """The chapter before this one in chapters.toml; None for the first."""
+        earlier = [c for c in load() if c.index < self.index]
+        return earlier[-1] if earlier else None
+
+    @property
+    def next(self) -> Chapter | None:
+        """The chapter after this one in chapters.toml; None for the last."""
+        later = [c for c in load() if c.index > self.index]
+        return later[0] if later else None
+
+
+_loaded: tuple[int, tuple[Chapter, ...]] | None = None
+
 
 def load() -> list[Chapter]:
-    data = tomllib.loads(MANIFEST.read_text(encoding="utf-8"))
-    chapters = [
-        Chapter(**{**entry, "adds": tuple(entry.get("adds", ())), "try_paths": tuple(entry.get("try_paths", ()))})
-        for entry in data["chapter"]
-    ]
-    return sorted(chapters, key=lambda c: c.index)
+    """Every chapter, in order. The file is read once, and again only after it changes (`make docs`
+    rebuilds the site while chapters.toml is being edited)."""
+    global _loaded
+    stamp = MANIFEST.stat().st_mtime_ns
+    if _loaded is None or _loaded[0] != stamp:
+        data = tomllib.loads(MANIFEST.read_text(encoding="utf-8"))
+        chapters = [
+            Chapter(**{**entry, "adds": tuple(entry.get("adds", ())), "try_paths": tuple(entry.get("try_paths", ()))})
+            for entry in data["chapter"]
+        ]
+        _loaded = stamp, tuple(sorted(chapters, key=lambda c: c.index))
+    return list(_loaded[1])
+
+
+def for_test_module(name: str) -> Chapter | None:
+    """The chapter whose test module is `name` ("test_02_database_pool"), if any."""
+    return next((c for c in load() if c.test_module.stem == name), None)
 
 
 def get(number: str | int) -> Chapter:
@@ -72,3 +105,15 @@ def get(number: str | int) -> Chapter:
 
 def latest() -> Chapter:
     return load()[-1]
+
+
+def matrix() -> dict:
+    """The GitHub workflow's job matrix: one entry per chapter, with its folder and test module."""
+    return {"include": [{"chapter": c.name, "number": c.number,
+                         "tests": str(c.test_module.relative_to(ROOT))} for c in load()]}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--matrix"]:
+        raise SystemExit("usage: python -m tutorial.chapters --matrix")
+    print(json.dumps(matrix()))

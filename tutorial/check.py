@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     if not (folder / "app.py").is_file():
         print(f"{folder} has no app.py: point DIR at the folder that holds your chapter {chapter.number} app.py")
         return 2
-    modules = sorted(str(p) for p in TESTS.glob("test_[0-9][0-9]_*.py") if int(p.name[5:7]) <= chapter.index)
+    modules = [str(c.test_module) for c in chapters.load() if c.index <= chapter.index and c.test_module.exists()]
     print(f"Checking {folder} as chapter {chapter.number} ({chapter.title}),")
     print(f"with the tests of chapters 01 to {chapter.number}: `{chapter.run}` is the command they run.\n")
     env = dict(os.environ, TUTORIAL_CHECK_CHAPTER=chapter.number, TUTORIAL_CHECK_DIR=str(folder))

@@ -6,6 +6,7 @@ stoppable and restartable at the same address (so tests can take the database aw
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -13,12 +14,11 @@ import signal
 import stat
 import subprocess
 import tempfile
-import time
+import warnings
 from pathlib import Path
 
+from . import waiting
 from .process import free_port
-
-import warnings
 
 with warnings.catch_warnings():
     # Importing the wheel asks platformdirs for a runtime folder, which warns when XDG_RUNTIME_DIR is
@@ -54,6 +54,11 @@ class LocalPostgres:
     # -- addresses -------------------------------------------------------------------------------
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def admin_dsn(self) -> str:
+        """Where databases are created and dropped: the server's own `postgres` database."""
+        return self.dsn()
 
     def socket_dsn(self, database: str = "postgres", socket_dir: str | None = None) -> str:
         return f"postgresql://postgres@/{database}?host={socket_dir or self.socket_dir}&port={self.port}"
@@ -161,18 +166,22 @@ class LocalPostgres:
             os.kill(pid, signal.SIGINT)
         except (ValueError, IndexError, ProcessLookupError, PermissionError):
             return
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+
+        def gone() -> bool:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                return
-            time.sleep(0.1)
+                return True
+            return False
+
+        # Still there after 15 s: start() goes on, and the server says why it cannot start.
+        with contextlib.suppress(TimeoutError):
+            waiting.until(gone, timeout=15, every=0.1, waiting_for=f"the leftover server (pid {pid}) to stop")
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
         pid_file = self.data_dir / "postmaster.pid"
-        while time.monotonic() < deadline:
+
+        def status() -> str:
             if self.process.poll() is not None:
                 raise DatabaseError(
                     f"PostgreSQL exited at start: {self._last_log_line()} (full log: {self.log_path})"
@@ -180,12 +189,15 @@ class LocalPostgres:
             try:
                 lines = pid_file.read_text().splitlines()
             except FileNotFoundError:
-                lines = []
-            if len(lines) >= 8 and lines[7].strip() == "ready":
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise DatabaseError(f"PostgreSQL did not become ready in {START_TIMEOUT:.0f}s (log: {self.log_path})")
+                return "no postmaster.pid yet"
+            return lines[7].strip() if len(lines) >= 8 else "no status in postmaster.pid yet"
+
+        try:
+            waiting.until(status, timeout=START_TIMEOUT, done=lambda line: line == "ready",
+                          waiting_for=f"PostgreSQL to become ready (log: {self.log_path})")
+        except TimeoutError as exc:
+            self.stop()
+            raise DatabaseError(str(exc)) from None
 
     def _last_log_line(self) -> str:
         try:

@@ -2,16 +2,12 @@
 
 dockerd runs with its own data and exec roots and no networking of its own (--bridge=none, no
 iptables), so nothing it starts can leave loopback: builds use --network=host, containers run with
---network=none and are probed with `docker exec`. When the Dockerfile's base image cannot be pulled,
-a stand-in is built from Debian packages (mmdebstrap, with this machine's apt sources) plus the
-CPython 3.12 that pyenv keeps here, and `docker import`ed. The data root lives in a cache folder, so
-the stand-in and the dependency layer survive between runs.
+--network=none and are probed with `docker exec`. The data root lives in a cache folder, so images
+(the stand-in base of tutorial/standin.py among them) and the dependency layer survive between runs.
 """
 from __future__ import annotations
 
 import fcntl
-import glob
-import hashlib
 import itertools
 import json
 import os
@@ -24,17 +20,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import waiting
 from .chapters import ROOT
 
 CACHE = Path(os.environ.get("TUTORIAL_DOCKER_ROOT", Path.home() / ".cache" / "aiohttp-tutorial" / "docker"))
-STANDIN_REPO = "tutorial-standin/python"
-# What the stand-in leaves out of pyenv's tree: the test suite, the static library, GUI modules, and
-# .pth files (this machine's own site hooks have no place in an image).
-PYTHON_EXCLUDES = ["./lib/python3.*/test", "./lib/python3.*/idlelib", "./lib/python3.*/tkinter",
-                   "./lib/python3.*/config-3.*", "./lib/python3.*/site-packages/*.pth", "*/__pycache__"]
-# Shared libraries pyenv's CPython links against, which minbase does not carry.
-STANDIN_PACKAGES = ["passwd", "libssl3", "libffi8", "zlib1g", "libbz2-1.0", "liblzma5", "libsqlite3-0",
-                    "libreadline8", "libncursesw6", "libuuid1", "netbase", "tzdata"]
 
 
 class EngineError(RuntimeError):
@@ -81,15 +70,19 @@ class Engine:
                  "--bridge=none", "--iptables=false", "--ip-forward=false", "--ip-masq=false",
                  "--ip6tables=false"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def answers() -> bool:
             if self.process.poll() is not None:
                 raise EngineError(f"dockerd exited with {self.process.returncode}: {self.log_tail()}")
-            if self.socket.exists() and self.run("version", check=False).returncode == 0:
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise EngineError(f"dockerd did not answer in {timeout:.0f}s: {self.log_tail()}")
+            return self.socket.exists() and self.run("version", check=False).returncode == 0
+
+        try:
+            waiting.until(answers, timeout=timeout, every=0.2, waiting_for="dockerd to answer",
+                          seen=lambda _: self.log_tail())
+        except TimeoutError as exc:
+            self.stop()
+            raise EngineError(str(exc)) from None
+        return self
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -128,27 +121,14 @@ class Engine:
             return "(no log)"
 
     # -- images ----------------------------------------------------------------------------------
-    def base_image(self, wanted: str, allow_standin: bool = True) -> str:
-        """`wanted` when it is here or can be pulled; otherwise the stand-in (built once, then cached)."""
-        if self.has_image(wanted):
-            return wanted
+    def pull(self, name: str) -> bool:
+        """Whether `name` is here, or could be pulled now."""
+        if self.has_image(name):
+            return True
         try:
-            pulled = self.run("pull", "-q", wanted, check=False, timeout=300).returncode == 0
+            return self.run("pull", "-q", name, check=False, timeout=300).returncode == 0
         except subprocess.TimeoutExpired:
-            pulled = False
-        if pulled:
-            return wanted
-        if not allow_standin:
-            raise EngineError(f"{wanted} could not be pulled, and a stand-in was not allowed")
-        return self.standin(wanted)
-
-    def standin(self, wanted: str) -> str:
-        python = _pyenv_python()
-        key = hashlib.sha1(f"{wanted} {python} {' '.join(STANDIN_PACKAGES)}".encode()).hexdigest()[:10]
-        name = f"{STANDIN_REPO}:{wanted.rpartition(':')[2]}-{key}"
-        if not self.has_image(name):
-            build_standin(self, name, python, suite=_suite(wanted))
-        return name
+            return False
 
     def build(self, tag: str, context: Path = ROOT, **build_args: str) -> str:
         """Build `context` (host network: the daemon has none of its own) and return the tag."""
@@ -175,55 +155,6 @@ def _unmount_under(root: Path) -> None:
         return
     for target in sorted((t for t in targets if t.startswith(prefix)), key=len, reverse=True):
         subprocess.run(["umount", "-l", target], capture_output=True)
-
-
-def _suite(image: str) -> str:
-    for suite in ("trixie", "bookworm"):
-        if image.endswith(suite):
-            return suite
-    return "bookworm"
-
-
-def _pyenv_python() -> Path:
-    root = os.environ.get("PYENV_ROOT") or (subprocess.run(["pyenv", "root"], capture_output=True, text=True)
-                                             .stdout.strip() if shutil.which("pyenv") else "~/.pyenv")
-    found = sorted(glob.glob(os.path.join(os.path.expanduser(root), "versions", "3.12.*")))
-    if not found:
-        raise EngineError("no CPython 3.12 under pyenv to build a stand-in base image with")
-    return Path(found[-1])
-
-
-def build_standin(engine: Engine, name: str, python: Path, suite: str) -> None:
-    """minbase Debian from this machine's apt sources, pyenv's CPython in /usr/local, the host's CAs."""
-    if not shutil.which("mmdebstrap"):
-        raise EngineError("the base image cannot be pulled and mmdebstrap is missing (apt-get install mmdebstrap)")
-    sources = next((p for p in ["/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list"]
-                    if os.path.exists(p)), None)
-    excludes = " ".join(f"--exclude='{e}'" for e in PYTHON_EXCLUDES)
-    hooks = [
-        f'tar -C {python} {excludes} -cf - . | tar -C "$1/usr/local" -xf -',
-        'cp /etc/ssl/certs/ca-certificates.crt "$1/etc/ssl/certs/ca-certificates.crt"',
-        'chroot "$1" ldconfig',  # pyenv's RUNPATH points at its own tree; /usr/local/lib is found this way
-        'rm -rf "$1/var/lib/apt/lists"/* "$1/var/cache/apt"/*',
-    ]
-    with tempfile.TemporaryDirectory(prefix="standin-") as tmp:
-        tarball = Path(tmp) / "rootfs.tar"
-        os.makedirs(Path(tmp), exist_ok=True)
-        argv = ["mmdebstrap", "--quiet", "--variant=minbase", "--mode=root", "--format=tar",
-                f"--include={','.join(STANDIN_PACKAGES)}",
-                "--setup-hook=mkdir -p \"$1/etc/ssl/certs\"",
-                *[f"--customize-hook={h}" for h in hooks]]
-        for conf in sorted(glob.glob("/etc/apt/apt.conf.d/99*")):
-            argv.append(f"--aptopt={conf}")
-        argv += [suite, str(tarball)] + ([sources] if sources else [])
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            raise EngineError(f"mmdebstrap failed: {result.stderr.strip()[-2000:]}")
-        changes = ["ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin", "ENV LANG=C.UTF-8",
-                   # pip trusts certifi's list, not the system's; point it at the host's bundle
-                   "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
-                   "ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt", 'CMD ["python3"]']
-        engine.run("import", *[f"--change={c}" for c in changes], str(tarball), name, timeout=600)
 
 
 # -- containers ------------------------------------------------------------------------------------------
@@ -266,18 +197,14 @@ class Container:
         return int(status), body.strip()
 
     def wait_until(self, path: str = "/health", status: int = 200, timeout: float = 60.0) -> None:
-        deadline, last = time.monotonic() + timeout, None
-        while time.monotonic() < deadline:
+        def answer() -> tuple[int, str]:
             if self.state()["Status"] != "running":
                 raise EngineError(f"{self.name} stopped: {self.state()}\n{self.logs()}")
-            try:
-                last = self.get(path, timeout=2)
-                if last[0] == status:
-                    return
-            except ConnectionError as exc:
-                last = exc
-            time.sleep(0.2)
-        raise TimeoutError(f"{path} did not answer {status} in {timeout}s (last: {last})\n{self.logs()}")
+            return self.get(path, timeout=2)
+
+        waiting.until(answer, timeout=timeout, every=0.2, waiting_for=f"{path} to answer {status}",
+                      done=lambda answered: answered[0] == status, retry_on=(ConnectionError,),
+                      seen=lambda last: f"{last}\n{self.logs()}")
 
     def processes(self) -> list[tuple[int, int, str]]:
         """Every process but the probe itself: (pid, uid, command line), by pid."""

@@ -17,6 +17,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mkdocs.config.defaults import MkDocsConfig
+    from mkdocs.structure.files import Files
+    from mkdocs.structure.pages import Page
 
 # MkDocs loads this file by its path, outside any package: make `tutorial` importable from
 # whichever folder mkdocs was started in.
@@ -58,7 +64,7 @@ def up(src: str) -> str:
 
 
 # -- navigation -------------------------------------------------------------------------------------------
-def on_config(config, **kwargs):
+def on_config(config: MkDocsConfig, **kwargs: Any) -> MkDocsConfig:
     """The navigation comes from chapters.toml, so a chapter is listed exactly when it exists."""
     global DOCS
     DOCS = docs = Path(config["docs_dir"])
@@ -90,7 +96,7 @@ def on_config(config, **kwargs):
 
 
 # -- one generated page per test module, so every "proof" link lands on the test's own code ----------------
-def on_files(files, config, **kwargs):
+def on_files(files: Files, config: MkDocsConfig, **kwargs: Any) -> Files:
     from mkdocs.structure.files import File, InclusionLevel
 
     for module in sorted(TESTS.glob("test_*.py")):
@@ -126,7 +132,7 @@ def test_link(module: str, name: str, src: str) -> str:
 
 
 # -- markers ----------------------------------------------------------------------------------------------
-def on_page_markdown(markdown, page, config, files, **kwargs):
+def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files, **kwargs: Any) -> str:
     src = page.file.src_uri
     found = CHAPTER_PAGE.match(src)
     chapter = manifest.get(found.group("number")) if found else None
@@ -169,16 +175,13 @@ def run(chapter: manifest.Chapter) -> str:
 
 
 def neighbours(chapter: manifest.Chapter) -> str:
-    everything = manifest.load()
-    at = [c.number for c in everything].index(chapter.number)
+    before, after = chapter.previous, chapter.next
     parts = []
-    if at > 0:
-        before = everything[at - 1]
+    if before:
         parts.append(f"Previous: [{before.number} · {before.title}]({before.name}.md)")
     else:
         parts.append("Previous: [Introduction](../index.md)")
-    if at + 1 < len(everything) and has_page(everything[at + 1]):
-        after = everything[at + 1]
+    if after and has_page(after):
         parts.append(f"Next: [{after.number} · {after.title}]({after.name}.md)")
     else:
         parts.append("Next: [Where the article is wrong](../errata.md)")
@@ -197,14 +200,10 @@ def test_functions(path: Path) -> list[tuple[str, str]]:
     return found
 
 
-def chapter_module(chapter: manifest.Chapter) -> Path:
-    return TESTS / f"test_{chapter.number}_{chapter.slug.replace('-', '_')}.py"
-
-
 def tests(chapter: manifest.Chapter) -> str:
     src = page_path(chapter)
-    module = chapter_module(chapter)
-    earlier = [c for c in manifest.load() if c.index < chapter.index and chapter_module(c).exists()]
+    module = chapter.test_module
+    earlier = [c for c in manifest.load() if c.index < chapter.index and c.test_module.exists()]
     lines = []
     if module.exists():
         lines += [f"`tests/{module.name}` checks what this chapter introduces:", ""]
@@ -215,9 +214,9 @@ def tests(chapter: manifest.Chapter) -> str:
         lines += [f"This chapter has no test module of its own yet (`tests/{module.name}`)."]
     if earlier:
         lines += ["", "Tests are cumulative: the tests of every earlier chapter run against this folder too ("
-                  + ", ".join(f"[`{chapter_module(c).name}`]({up(src)}{test_page(chapter_module(c).name)})"
+                  + ", ".join(f"[`{c.test_module.name}`]({up(src)}{test_page(c.test_module.name)})"
                               for c in earlier) + ")."]
-    lines += ["", f"To run this chapter's tests against a folder you wrote yourself:", "",
+    lines += ["", "To run this chapter's tests against a folder you wrote yourself:", "",
               fenced(f"make check CHAPTER={chapter.number} DIR=path/to/your/folder", "console")]
     return "\n".join(lines)
 
@@ -301,11 +300,9 @@ def unified(old: Path | None, new: Path | None, a: list[str], b: list[str],
 
 
 def diff(chapter: manifest.Chapter) -> str:
-    everything = manifest.load()
-    at = [c.number for c in everything].index(chapter.number)
-    if at == 0:
+    before = chapter.previous
+    if before is None:
         return "## What changed\n\nThis is the first chapter: there is nothing to compare it with."
-    before = everything[at - 1]
     old, new = chapter_files(before.folder), chapter_files(chapter.folder)
     blocks, summary = [], []
     for rel in sorted(old.keys() | new.keys()):

@@ -1,6 +1,7 @@
 """Start a chapter the way a learner does (its documented command, in its folder) and stop it with SIGTERM."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import psutil
 
+from . import waiting
 from .chapters import Chapter
 
 
@@ -80,21 +82,15 @@ class Running:
     def wait_until(self, path: str = "/health", status: int = 200, timeout: float = 30.0) -> None:
         """Poll until `path` answers `status` and every worker can take a signal; fail early, with the
         output, if the process dies."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
+        def answer() -> int:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the chapter exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                code, _ = get(self.url + path, timeout=2)
-                if code == status:
-                    self.workers_listening_for_signals()
-                    return
-                last = code
-            except OSError as exc:
-                last = exc
-            time.sleep(0.05)
-        raise TimeoutError(f"{path} did not answer {status} in {timeout}s (last: {last}):\n{self.output()}")
+            return get(self.url + path, timeout=2)[0]
+
+        waiting.until(answer, timeout=timeout, waiting_for=f"{path} to answer {status}",
+                      done=lambda code: code == status, retry_on=(OSError,),
+                      seen=lambda last: f"{last}\n{self.output()}")
+        self.workers_listening_for_signals()
 
     def expected_workers(self) -> int | None:
         """How many workers Gunicorn was asked for (--workers/-w, else WEB_CONCURRENCY), if we know."""
@@ -115,33 +111,39 @@ class Running:
         elsewhere, and for anything but Gunicorn, this returns at once).
         """
         abrt = 1 << (signal.SIGABRT - 1)
-        deadline = time.monotonic() + timeout
         settled_since, last_seen = None, None
-        while time.monotonic() < deadline:
+
+        def all_listening() -> bool:
+            nonlocal settled_since, last_seen
             try:
                 top = psutil.Process(self.pid)
                 # Gunicorn's master is the process itself, or sits under unshare or a shell
                 masters = [p for p in [top, *top.children(recursive=True)] if is_gunicorn(p.cmdline())]
                 if not masters:
-                    return  # python app.py, nginx: nothing of aiohttp's worker to wait for
+                    return True  # python app.py, nginx: nothing of aiohttp's worker to wait for
                 children = masters[0].children()
                 masks = [int(Path(f"/proc/{c.pid}/status").read_text().split("SigCgt:")[1].split()[0], 16)
                          for c in children]
             except (psutil.Error, OSError, IndexError):
-                return
+                return True
             seen = sorted(c.pid for c in children)
             expected = self.expected_workers()
             ready = len(seen) >= (expected or 1) and all(mask & abrt for mask in masks)
             if ready and expected is not None:
                 self.workers_confirmed = True
-                return
+                return True
             if ready and seen == last_seen:
                 if time.monotonic() - settled_since >= 0.25:  # count unknown: wait for no late fork
                     self.workers_confirmed = True
-                    return
+                    return True
             else:
                 settled_since, last_seen = time.monotonic(), seen if ready else None
-            time.sleep(0.05)
+            return False
+
+        # A timeout is no error here: the caller sends its signal anyway, as it did before this wait.
+        with contextlib.suppress(TimeoutError):
+            waiting.until(all_listening, timeout=timeout,
+                          waiting_for="every worker to install aiohttp's signal handlers")
 
     def terminate(self, timeout: float = 20.0) -> int:
         """SIGTERM, as a platform sends it; returns the exit code (or kills after `timeout`)."""

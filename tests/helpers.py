@@ -1,0 +1,182 @@
+"""Plain helpers the test modules share (fixtures live in conftest.py).
+
+What a missing tool does, loading a chapter's file, making a database, counting its connections,
+the sample user every chapter serves, reading a chapter's log, and the stand-ins the tests use for
+a slow or silent database.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import asyncpg
+import pytest
+
+from tutorial import waiting
+from tutorial.database import execute
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+# GET /users/1 of every chapter from 02 on: schema.sql's sample row, as the API encodes it.
+SAMPLE_USER = {
+    "id": 1,
+    "public_id": "a8098c1a-f86e-11da-bd1a-00112444be1e",
+    "name": "Ada Lovelace",
+    "email": "ada@example.com",
+    "balance": "1815.12",
+    "created_at": "2026-06-26T09:30:00+00:00",
+}
+
+
+def missing(what: str, how: str) -> None:
+    """A missing tool fails the run in CI and skips, with one line saying what to install, elsewhere."""
+    message = f"{what} is not available: {how}"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def load_module(path: Path, name: str | None = None) -> ModuleType:
+    """Import a chapter's file under a unique name, so chapters never see each other's modules."""
+    name = name or f"chapter_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- databases ----------------------------------------------------------------------------------------
+_templates: dict[tuple[str, str], str] = {}
+_counter = itertools.count(1)
+
+
+def fresh_database(server, schema: Path | None) -> str:
+    """The name of a new database on `server` (the session's `pg`, or a server a test owns), cloned
+    from a template that already holds the schema and its sample rows."""
+    sql = schema.read_text() if schema else ""
+    key = hashlib.sha1(sql.encode()).hexdigest()[:12]
+    # A server of a test's own has a data folder of its own; the external one has only its DSN.
+    where = (str(getattr(server, "data_dir", server.admin_dsn)), key)
+    if where not in _templates:
+        template = f"tpl_{key}"
+        execute(server.admin_dsn, f"DROP DATABASE IF EXISTS {template}; CREATE DATABASE {template}")
+        if sql:
+            execute(server.dsn(template), sql)
+        _templates[where] = template
+    name = f"t{os.getpid()}_{next(_counter)}"
+    execute(server.admin_dsn, f"CREATE DATABASE {name} TEMPLATE {_templates[where]}")
+    return name
+
+
+def connections_to(pg, database: str) -> int:
+    """Sessions open on `database`, as pg_stat_activity counts them."""
+    return int(execute(pg.admin_dsn, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'"))
+
+
+class UsersLock:
+    """A transaction of the test's own that holds an exclusive lock on users: every lookup waits for it.
+
+    A second connection watches pg_stat_activity: inside a transaction PostgreSQL would show the same
+    snapshot of it every time.
+    """
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+
+    async def __aenter__(self) -> "UsersLock":
+        self.conn = await asyncpg.connect(self.dsn)
+        self.watch = await asyncpg.connect(self.dsn)
+        self.tx = self.conn.transaction()
+        await self.tx.start()
+        await self.conn.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        self.ours = [self.conn.get_server_pid(), self.watch.get_server_pid()]
+        return self
+
+    async def wait_for_waiters(self, count: int = 1, timeout: float = 20.0) -> None:
+        """Until `count` queries from other sessions are blocked on a lock in this database."""
+        async def waiting_queries() -> int:
+            return await self.watch.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> ALL($1) AND wait_event_type = 'Lock'", self.ours)
+
+        await waiting.until_async(waiting_queries, timeout=timeout,
+                                  done=lambda blocked: blocked >= count,
+                                  waiting_for=f"{count} other session(s) to block on the lock",
+                                  seen=lambda blocked: f"{blocked} blocked")
+
+    async def release(self) -> None:
+        if self.conn.is_in_transaction():  # a second rollback would be an error
+            await self.tx.rollback()
+
+    async def other_connections(self) -> int:
+        """Sessions in this database other than the test's own: the app's pool connections."""
+        return await self.watch.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                         " AND pid <> ALL($1)", self.ours)
+
+    async def __aexit__(self, *exc) -> None:
+        await self.release()
+        await self.conn.close()
+        await self.watch.close()
+
+
+class silent_server:
+    """A TCP listener that accepts every connection and never sends a byte."""
+
+    def __enter__(self) -> int:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.held: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+        return self.sock.getsockname()[1]
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                continue
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+# -- a running chapter ----------------------------------------------------------------------------------
+def wait_for_lines(running, needle: str, count: int, timeout: float = 20.0) -> list[str]:
+    """The chapter's log lines containing `needle`, once there are at least `count` of them."""
+    def lines() -> list[str]:
+        return [line for line in running.output().splitlines() if needle in line]
+
+    return waiting.until(lines, timeout=timeout, done=lambda found: len(found) >= count,
+                         waiting_for=f"{count} lines with {needle!r}",
+                         seen=lambda found: f"{len(found)} such lines in:\n{running.output()}")
+
+
+def send_request(port: int, path: str) -> socket.socket:
+    """A raw HTTP/1.1 request, so the test sees exactly what comes back, down to the last byte."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    with sock:
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
