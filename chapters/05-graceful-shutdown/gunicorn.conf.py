@@ -27,12 +27,8 @@ graceful_timeout = 8
 
 
 def post_worker_init(worker):
-    """Let each worker end its drain and teardown before the master's kill.
-
-    aiohttp's worker sees SIGTERM up to 1 s late, then drains for 95% of
-    graceful_timeout, so the master's kill can cut its teardown. Here SIGTERM
-    wakes it at once and its drain ends 2 s before the master's kill.
-    """
+    """aiohttp's worker sees SIGTERM up to 1 s late and drains for 95% of
+    graceful_timeout: wake it at once, end its drain 2 s before the kill."""
     import signal
 
     worker.loop.add_signal_handler(

@@ -19,8 +19,8 @@ reuse_port = True
 
 def post_fork(server, worker):
     """Give aiohttp the plain sockets, and log where this worker listens."""
-    # uvloop detaches a plain socket once it has closed its file descriptor;
-    # Gunicorn's wrapper it closes a second time, which logs an error.
+    # uvloop closes the fd itself and detaches a plain socket, but calls
+    # close() on Gunicorn's wrapper: "[Errno 9]" logged at every stop.
     worker.sockets = [listener.sock for listener in worker.sockets]
     for sock in worker.sockets:
         host, port = sock.getsockname()[:2]
@@ -43,12 +43,8 @@ graceful_timeout = 8
 
 
 def post_worker_init(worker):
-    """Let each worker end its drain and teardown before the master's kill.
-
-    aiohttp's worker sees SIGTERM up to 1 s late, then drains for 95% of
-    graceful_timeout, so the master's kill can cut its teardown. Here SIGTERM
-    wakes it at once and its drain ends 2 s before the master's kill.
-    """
+    """aiohttp's worker sees SIGTERM up to 1 s late and drains for 95% of
+    graceful_timeout: wake it at once, end its drain 2 s before the kill."""
     import signal
 
     worker.loop.add_signal_handler(
