@@ -239,3 +239,37 @@ def built_site(tmp_path_factory) -> BuiltSite:
     if built.returncode != 0:
         pytest.fail(f"mkdocs build --strict failed:\n{built.output}", pytrace=False)
     return built
+
+
+# -- the last chapter in process, for tests that are not coroutines (the property test) ---------------------
+@pytest.fixture
+def last_chapter_in_a_thread(pg, monkeypatch):
+    """The last chapter's create_app(), served by aiohttp in this process on an event loop of its own
+    in a thread, against a fresh database; yields (host, port) for raw requests."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    chapter = manifest.latest()
+    module = load_module(chapter.folder / "app.py")
+    monkeypatch.setenv("DATABASE_URL", pg.dsn(fresh_database(pg, chapter.schema)))
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(module.create_app())
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    host, port = runner.addresses[0][:2]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield host, port
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.run_until_complete(runner.cleanup())
+        left = asyncio.all_tasks(loop)  # handlers of connections a client left open
+        for task in left:
+            task.cancel()
+        if left:
+            loop.run_until_complete(asyncio.wait(left))
+        loop.close()

@@ -51,3 +51,27 @@ def test_runs_as_documented_and_stops_cleanly_on_sigterm(served):
     assert get(served.url + "/") == (200, b'{"message": "Hello from aiohttp"}')
     status, body = get(served.url + "/nope")
     assert status == 404 and b'"status": 404' in body
+
+
+async def test_a_bug_in_a_handler_is_a_json_500_with_one_logged_traceback(aiohttp_client, app_module, chapter,
+                                                                         monkeypatch, request, caplog):
+    """A handler that raises a real bug answers JSON {"error": "Internal Server Error", "status": 500}
+    with no traceback in the body, and the traceback is logged once, on the server's side."""
+    import json
+
+    if chapter.schema:
+        monkeypatch.setenv("DATABASE_URL", request.getfixturevalue("db_url"))
+    app = app_module.create_app()
+
+    async def buggy(request):
+        return {}["missing"]
+
+    app.router.add_get("/bug", buggy)
+    client = await aiohttp_client(app)
+    response = await client.get("/bug")
+    body = await response.text()
+    assert response.status == 500 and response.content_type == "application/json", body
+    assert json.loads(body) == {"error": "Internal Server Error", "status": 500}
+    assert "Traceback" not in body and "KeyError" not in body
+    logged = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], KeyError)]
+    assert len(logged) == 1

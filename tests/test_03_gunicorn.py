@@ -60,3 +60,28 @@ def test_port_comes_from_the_environment(served):
     processes = [psutil.Process(served.pid), *psutil.Process(served.pid).children()]
     ports = {c.laddr.port for p in processes for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
     assert ports == {served.port}
+
+
+ERROR_LOOKING = re.compile(r"Error|ERROR|Errno|Traceback")
+
+
+def test_a_normal_start_and_stop_logs_nothing_that_looks_like_an_error(chapter, pg, db_name):
+    """Boot, a few ordinary requests, SIGTERM: from the first line to the exit, no line says Error,
+    ERROR, Errno or Traceback (chapter 06's uvloop worker once logged an Errno 9 per worker here)."""
+    with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="2") as running:
+        running.wait_until("/health")
+        wait_for_lines(running, "pool ready", 2)
+        for path in ("/", "/health", "/users/1"):
+            assert get(running.url + path)[0] == 200
+        assert running.terminate() == 0
+        output = running.output()
+    assert "Shutting down: Master" in output, output
+    assert [line for line in output.splitlines() if ERROR_LOOKING.search(line)] == [], output
+
+
+def test_the_boot_log_says_where_it_listens(served):
+    """The log names the address as a URL with the port Gunicorn bound; pasted into curl, it answers."""
+    urls = set(re.findall(rf"\bhttps?://[\w.:\[\]-]+:{served.port}\b", served.output()))
+    assert urls, served.output()
+    for url in urls:
+        assert get(url + "/health")[0] == 200, url

@@ -177,3 +177,13 @@ def test_ci_image_job_uses_the_real_base():
     runs = [step.get("run", "") for step in spec["jobs"]["image"]["steps"]]
     assert "docker build -t aiohttp-tutorial ." in runs and "BASE_IMAGE" not in "\n".join(runs)
     assert any("docker stop app" in run and "/ready" in run for run in runs)
+
+
+def test_the_image_runs_as_a_numeric_user_other_than_root():
+    """The Dockerfile's last USER is a numeric uid other than 0, checked on the file itself, so it holds
+    on a machine without Docker too (and a platform's "run as non-root" check can verify a number)."""
+    users = [line.split(None, 1)[1].strip() for line in (ROOT / "Dockerfile").read_text().splitlines()
+             if re.match(r"\s*USER\s", line, re.I)]
+    assert users, "the Dockerfile has no USER line: the image would run as root"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, f"USER {users[-1]}"

@@ -1,7 +1,7 @@
 """Where the article is wrong (docs/errata.md): each test runs the article's pattern, shows it
 failing the way the erratum says, and shows our chapter's way working.
 
-Errata 1, 3, 4, 6, 7 and 8 come first; then the containers (2, 10) and shutdown and startup (5, 9, 11).
+Errata 1, 3, 4, 6, 7 and 8 come first; then the containers (2, 10), shutdown and startup (5, 9, 11), logs (13).
 Erratum 11 is also covered where each chapter boots: tests/test_02_database_pool.py and test_06_health_checks.py.
 """
 import ast
@@ -10,6 +10,7 @@ import datetime
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,7 +39,7 @@ from helpers import (
 
 from tutorial import chapters, waiting
 from tutorial.docker_engine import in_parallel, run_container
-from tutorial.process import Running, chapter_env, free_port, get
+from tutorial.process import Running, chapter_env, free_port, get, start
 
 CH01 = chapters.get("01")
 CH02 = chapters.get("02")
@@ -625,3 +626,76 @@ async def test_erratum_11_asyncpg_waits_60_s_for_a_silent_database_unless_told(a
             await waiting
         with pytest.raises(asyncio.TimeoutError):
             await asyncpg.connect(dsn, timeout=0.5)
+
+
+# -- Erratum 13: "confirm each worker created its pool" from logs that never mention a pool -------------------
+ARTICLE_APP = '''
+import os
+import asyncpg
+from aiohttp import web
+
+pool_key = web.AppKey("pool", asyncpg.Pool)  # the article's app["pool"], typed (erratum 8)
+
+async def pg_pool(app):
+    app[pool_key] = await asyncpg.create_pool(dsn=os.environ["DATABASE_URL"], min_size=2, max_size=10)
+    yield
+    await app[pool_key].close()
+
+async def get_user(request):
+    async with request.app[pool_key].acquire() as conn:
+        row = await conn.fetchrow("SELECT id FROM users WHERE id=$1", int(request.match_info["id"]))
+    return web.json_response(dict(row))
+
+def create_app():
+    app = web.Application()
+    app.cleanup_ctx.append(pg_pool)
+    app.add_routes([web.get("/users/{id}", get_user)])
+    return app
+'''
+
+
+def pool_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "pool" in line.lower()]
+
+
+def wait_for_pool_ready_lines(running, count: int, timeout: float = 20.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in running.output().splitlines() if "pool ready" in line]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_erratum_13_the_articles_app_logs_no_pool_at_all(pg, tmp_path):
+    """The article's app under its Gunicorn command: both workers serve from their pools, and from boot
+    to exit not one log line mentions a pool, so the platform's live logs cannot confirm one."""
+    from conftest import fresh_database
+
+    (tmp_path / "app.py").write_text(ARTICLE_APP)
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "app:create_app()", "--bind", f"127.0.0.1:{port}",
+            "--worker-class", "aiohttp.GunicornWebWorker", "--workers", "2"]
+    env = chapter_env(port, pg.dsn(fresh_database(pg, CH02.schema)), WEB_CONCURRENCY="2")
+    with Running(argv, tmp_path, env, port) as running:
+        running.wait_until("/users/1")
+        assert running.terminate() == 0
+        output = running.output()
+    assert output.count("Booting worker") == 2, output
+    assert pool_lines(output) == [], output
+
+
+def test_erratum_13_our_chapters_log_each_workers_pool_with_its_sizes(pg):
+    """Chapter 03 on (here 03 and the last): one "pool ready" line per worker, naming the worker's pid
+    and the pool's min_size and max_size."""
+    from conftest import fresh_database
+
+    for chapter in {CH03.number: CH03, LAST.number: LAST}.values():
+        with start(chapter, database_url=pg.dsn(fresh_database(pg, chapter.schema)), WEB_CONCURRENCY="2") as running:
+            running.wait_until("/users/1")
+            workers = {child.pid for child in psutil.Process(running.pid).children()}
+            lines = wait_for_pool_ready_lines(running, 2)
+            assert len(lines) == 2, running.output()
+            assert {int(re.search(r"pid (\d+)", line).group(1)) for line in lines} == workers
+            assert all("min_size=2" in line and "max_size=10" in line for line in lines), lines
+            assert running.terminate() == 0

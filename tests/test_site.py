@@ -202,3 +202,33 @@ def test_screenshot_of_a_chapter_page(browser, site_url):
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000
     recorder.assert_clean()
+
+
+# -- code fits the page --------------------------------------------------------------------------------------
+WIDE_SCREENSHOT = manifest.ROOT / "test-output" / "chapter-06-health-checks.png"
+
+
+def test_no_code_block_on_a_chapter_page_scrolls_sideways(browser, site_url):
+    """At 1280 x 900, no code block of any chapter page, diffs included, is wider than its box
+    (scrollWidth > clientWidth): chapter code keeps to 79 columns, and so do the console sessions."""
+    page, recorder = browser
+    assert page.viewport_size == {"width": 1280, "height": 900}
+    wide = []
+    for chapter in CHAPTERS:
+        page.goto(f"{site_url}chapters/{chapter.name}/")
+        page.wait_for_load_state("load")
+        blocks = page.evaluate("""() => [...document.querySelectorAll("article pre > code")].map(code => ({
+            lang: code.closest(".highlight") ? code.closest(".highlight").className : "",
+            over: code.scrollWidth - code.clientWidth,
+            longest: Math.max(...code.innerText.split("\\n").map(line => line.length)),
+            line: code.innerText.split("\\n").reduce((a, b) => b.length > a.length ? b : a, ""),
+        }))""")
+        assert blocks, chapter.name
+        wide += [f"{chapter.name} [{b['lang']}] {b['over']}px too wide, {b['longest']} columns: {b['line']}"
+                 for b in blocks if b["over"] > 0]
+    page.goto(f"{site_url}chapters/06-health-checks/")
+    page.wait_for_load_state("load")
+    WIDE_SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(WIDE_SCREENSHOT), full_page=True)
+    assert wide == [], "\n".join(wide)
+    recorder.assert_clean()

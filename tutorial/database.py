@@ -216,6 +216,8 @@ def execute(dsn: str, sql: str) -> str:
     result = subprocess.run(
         [str(POSTGRES_BIN_PATH / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", dsn],
         input=sql, capture_output=True, text=True, timeout=60,
+        # psql waits forever for a server that accepts and never answers
+        env={**os.environ, "PGCONNECT_TIMEOUT": os.environ.get("PGCONNECT_TIMEOUT", "10")},
     )
     if result.returncode != 0:
         raise DatabaseError(f"psql failed: {result.stderr.strip()}")

@@ -10,7 +10,7 @@ log = logging.getLogger("app")
 # --8<-- [start:errors]
 @web.middleware
 async def json_errors(request: web.Request, handler):
-    """Turn every error into JSON, so a client never sees HTML or a traceback."""
+    """Every error as JSON: a client never sees HTML or a traceback."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -49,6 +49,8 @@ def create_app() -> web.Application:
 
 # --8<-- [start:main]
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    web.run_app(create_app(), host="0.0.0.0", port=int(os.environ.get("PORT", "8080")))
+    logging.basicConfig(level=logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    port = int(os.environ.get("PORT", "8080"))
+    web.run_app(create_app(), host="0.0.0.0", port=port)
 # --8<-- [end:main]

@@ -1,4 +1,4 @@
-"""Chapter 02: an asyncpg pool owned by a cleanup context, and a user looked up by id."""
+"""Chapter 02: an asyncpg pool in a cleanup context; a user looked up by id."""
 import asyncio
 import datetime
 import decimal
@@ -14,7 +14,7 @@ from aiohttp import web
 log = logging.getLogger("app")
 
 # --8<-- [start:keys]
-# A typed key instead of app["pool"]: string keys raise NotAppKeyWarning (erratum 8).
+# A typed key: a string key like app["pool"] warns (erratum 8).
 db_pool = web.AppKey("db_pool", asyncpg.Pool)
 # --8<-- [end:keys]
 
@@ -22,22 +22,24 @@ db_pool = web.AppKey("db_pool", asyncpg.Pool)
 DEFAULT_DATABASE_URL = "postgresql://postgres@localhost:5432/postgres"
 POOL_MIN_SIZE = 2
 POOL_MAX_SIZE = 10
-CONNECT_TIMEOUT = 5.0  # seconds; asyncpg waits 60 by default for a server that never answers
+CONNECT_TIMEOUT = 5.0  # seconds; asyncpg waits 60 by default
 # --8<-- [end:config]
 
-# The errors that mean "the database is not there right now", as opposed to a bug in our code.
-DB_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-                  asyncpg.CannotConnectNowError, asyncpg.InterfaceError)
-# At startup a wrong password or database name is as fatal as a server that is not there.
+# "The database is not there right now", as opposed to a bug in our code.
+DB_UNAVAILABLE = (
+    OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError, asyncpg.InterfaceError,
+)
+# At startup a wrong password or database name is as fatal as no server.
 DB_STARTUP_ERRORS = DB_UNAVAILABLE + (asyncpg.PostgresError, ValueError)
 
-# Gunicorn's "worker failed to boot" code: the master stops instead of respawning workers forever.
+# Gunicorn's "worker failed to boot": the master stops, no endless respawn.
 EXIT_NO_DATABASE = 3
 
 
 # --8<-- [start:json]
 def to_json(value):
-    """What json.dumps cannot encode on its own: the types PostgreSQL hands back."""
+    """The types PostgreSQL hands back that json.dumps cannot encode."""
     if isinstance(value, (datetime.datetime, datetime.date)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
@@ -53,7 +55,7 @@ dumps = functools.partial(json.dumps, default=to_json)
 
 @web.middleware
 async def json_errors(request: web.Request, handler):
-    """Turn every error into JSON, so a client never sees HTML or a traceback."""
+    """Every error as JSON: a client never sees HTML or a traceback."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -66,7 +68,8 @@ async def json_errors(request: web.Request, handler):
         )
     # --8<-- [start:unavailable]
     except DB_UNAVAILABLE as exc:
-        log.warning("database unavailable on %s %s: %r", request.method, request.path, exc)
+        log.warning("database unavailable on %s %s: %r",
+                    request.method, request.path, exc)
         return web.json_response(
             {"error": "Database Unavailable", "status": 503}, status=503
         )
@@ -88,11 +91,13 @@ async def pg_pool(app: web.Application):
             timeout=CONNECT_TIMEOUT,
         )
     except DB_STARTUP_ERRORS as exc:
-        # One clear line instead of a traceback, then a non-zero exit (erratum 11).
-        log.critical("cannot reach the database: %r; is DATABASE_URL right and the server up?", exc)
+        # One clear line, not a traceback, and a non-zero exit (erratum 11).
+        log.critical("cannot reach the database: %r; is DATABASE_URL right "
+                     "and the server up?", exc)
         raise SystemExit(EXIT_NO_DATABASE) from None
     app[db_pool] = pool
-    log.info("pool ready (pid %d, min_size=%d, max_size=%d)", os.getpid(), POOL_MIN_SIZE, POOL_MAX_SIZE)
+    log.info("pool ready (pid %d, min_size=%d, max_size=%d)",
+             os.getpid(), POOL_MIN_SIZE, POOL_MAX_SIZE)
     yield
     await pool.close()
     log.info("pool closed (pid %d)", os.getpid())
@@ -113,12 +118,13 @@ USER_COLUMNS = "id, public_id, name, email, balance, created_at"
 
 
 async def get_user(request: web.Request) -> web.Response:
-    # The route only matches 1-10 ASCII digits with no leading zero; the range is checked here.
+    # The route takes 1-10 ASCII digits, no leading zero; the range is ours.
     user_id = int(request.match_info["id"])
     if user_id > INT4_MAX:
         raise web.HTTPNotFound(reason="User Not Found")
     async with request.app[db_pool].acquire() as conn:
-        row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+        row = await conn.fetchrow(
+            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
     if row is None:
         raise web.HTTPNotFound(reason="User Not Found")
     return web.json_response(dict(row), dumps=dumps)
@@ -140,6 +146,8 @@ def create_app() -> web.Application:
 
 # --8<-- [start:main]
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    web.run_app(create_app(), host="0.0.0.0", port=int(os.environ.get("PORT", "8080")))
+    logging.basicConfig(level=logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    port = int(os.environ.get("PORT", "8080"))
+    web.run_app(create_app(), host="0.0.0.0", port=port)
 # --8<-- [end:main]

@@ -1,9 +1,9 @@
-"""Gunicorn settings for chapter 04. Run: gunicorn -c gunicorn.conf.py (the image's CMD runs the same)."""
+"""Gunicorn settings for chapter 04: gunicorn -c gunicorn.conf.py"""
 import os
 
 # --8<-- [start:app]
-# 'app:create_app()' calls the factory once per worker. A bare 'app:create_app' would hand
-# Gunicorn the function itself, which aiohttp's worker rejects unless it is async (erratum 1).
+# The factory, called once per worker. A bare 'app:create_app' is rejected
+# by aiohttp's worker unless it is async (erratum 1).
 wsgi_app = "app:create_app()"
 worker_class = "aiohttp.GunicornWebWorker"
 # --8<-- [end:app]
@@ -14,21 +14,21 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # --8<-- [end:env]
 
 # --8<-- [start:container]
-# Gunicorn 25+ opens a control socket under $HOME (or $XDG_RUNTIME_DIR) for `gunicornc`. A container
-# user has no writable home and may run on a read-only root, where that socket is an ERROR at every
-# boot; nothing in a container talks to it, so it stays off (erratum 10).
+# Gunicorn 25+ opens a control socket under $HOME; a container user has no
+# writable home, so it logs an ERROR at every boot (erratum 10).
 control_socket_disable = True
 # --8<-- [end:container]
 
 # --8<-- [start:logging]
 accesslog = "-"
-# Gunicorn configures only its own loggers; this sends the app's log lines (pool ready, pool
-# closed) to stderr too, once each.
+# Gunicorn sets up only its own loggers; this sends the app's lines to stderr.
 logconfig_dict = {
     "root": {"level": "INFO", "handlers": ["error_console"]},
     "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
-        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"],
+                           "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"],
+                            "propagate": False},
     },
 }
 # --8<-- [end:logging]
@@ -41,7 +41,8 @@ def when_ready(server):
 
     n = server.cfg.workers
     server.log.info(
-        "connection budget: %d workers x min_size %d = %d at boot, x max_size %d = up to %d",
+        "connection budget: %d workers x min_size %d = %d at boot, "
+        "x max_size %d = up to %d",
         n, POOL_MIN_SIZE, n * POOL_MIN_SIZE, POOL_MAX_SIZE, n * POOL_MAX_SIZE,
     )
 # --8<-- [end:budget]
@@ -51,8 +52,8 @@ def when_ready(server):
 def on_starting(server):
     """Try the database once in the master, before any worker forks.
 
-    Without this, every worker fails on its own and Gunicorn may trip over the second failure while
-    halting on the first, printing its own traceback over our one clear line.
+    Otherwise each worker fails on its own, and a traceback for a second
+    failure can bury our one clear line.
     """
     import asyncio
 
@@ -60,13 +61,14 @@ def on_starting(server):
     from app import CONNECT_TIMEOUT, DEFAULT_DATABASE_URL, EXIT_NO_DATABASE
 
     async def probe():
-        conn = await asyncpg.connect(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL),
-                                     timeout=CONNECT_TIMEOUT)
+        dsn = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+        conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
         await conn.close()
 
     try:
         asyncio.run(probe())
-    except Exception as exc:  # whatever the cause, the message and the exit code are the same
-        server.log.critical("cannot reach the database: %r; is DATABASE_URL right and the server up?", exc)
+    except Exception as exc:  # whatever the cause, the same line and exit
+        server.log.critical("cannot reach the database: %r; is DATABASE_URL "
+                            "right and the server up?", exc)
         raise SystemExit(EXIT_NO_DATABASE) from None
 # --8<-- [end:preflight]

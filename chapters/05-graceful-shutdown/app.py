@@ -1,4 +1,4 @@
-"""Chapter 05: graceful shutdown, and an outbound HTTP client owned by its own cleanup context."""
+"""Chapter 05: graceful shutdown; an HTTP client in its own cleanup context."""
 import asyncio
 import datetime
 import decimal
@@ -15,7 +15,7 @@ from aiohttp import web
 log = logging.getLogger("app")
 
 # --8<-- [start:keys]
-# A typed key instead of app["pool"]: string keys raise NotAppKeyWarning (erratum 8).
+# A typed key: a string key like app["pool"] warns (erratum 8).
 db_pool = web.AppKey("db_pool", asyncpg.Pool)
 http_session = web.AppKey("http_session", aiohttp.ClientSession)
 # --8<-- [end:keys]
@@ -24,26 +24,28 @@ http_session = web.AppKey("http_session", aiohttp.ClientSession)
 DEFAULT_DATABASE_URL = "postgresql://postgres@localhost:5432/postgres"
 POOL_MIN_SIZE = 2
 POOL_MAX_SIZE = 10
-CONNECT_TIMEOUT = 5.0  # seconds; asyncpg waits 60 by default for a server that never answers
+CONNECT_TIMEOUT = 5.0  # seconds; asyncpg waits 60 by default
 UPSTREAM_URL = os.environ.get("UPSTREAM_URL", "http://127.0.0.1:8081/")
-# Inside the worker's drain (about 5.7 s, see gunicorn.conf.py): a call in flight at SIGTERM ends
-# before the worker cuts it.
+# Shorter than the worker's drain (gunicorn.conf.py): a call in flight
+# at SIGTERM ends before the worker cuts it.
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=5)
 # --8<-- [end:config]
 
-# The errors that mean "the database is not there right now", as opposed to a bug in our code.
-DB_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-                  asyncpg.CannotConnectNowError, asyncpg.InterfaceError)
-# At startup a wrong password or database name is as fatal as a server that is not there.
+# "The database is not there right now", as opposed to a bug in our code.
+DB_UNAVAILABLE = (
+    OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError, asyncpg.InterfaceError,
+)
+# At startup a wrong password or database name is as fatal as no server.
 DB_STARTUP_ERRORS = DB_UNAVAILABLE + (asyncpg.PostgresError, ValueError)
 
-# Gunicorn's "worker failed to boot" code: the master stops instead of respawning workers forever.
+# Gunicorn's "worker failed to boot": the master stops, no endless respawn.
 EXIT_NO_DATABASE = 3
 
 
 # --8<-- [start:json]
 def to_json(value):
-    """What json.dumps cannot encode on its own: the types PostgreSQL hands back."""
+    """The types PostgreSQL hands back that json.dumps cannot encode."""
     if isinstance(value, (datetime.datetime, datetime.date)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
@@ -59,7 +61,7 @@ dumps = functools.partial(json.dumps, default=to_json)
 
 @web.middleware
 async def json_errors(request: web.Request, handler):
-    """Turn every error into JSON, so a client never sees HTML or a traceback."""
+    """Every error as JSON: a client never sees HTML or a traceback."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -72,7 +74,8 @@ async def json_errors(request: web.Request, handler):
         )
     # --8<-- [start:unavailable]
     except DB_UNAVAILABLE as exc:
-        log.warning("database unavailable on %s %s: %r", request.method, request.path, exc)
+        log.warning("database unavailable on %s %s: %r",
+                    request.method, request.path, exc)
         return web.json_response(
             {"error": "Database Unavailable", "status": 503}, status=503
         )
@@ -94,11 +97,13 @@ async def pg_pool(app: web.Application):
             timeout=CONNECT_TIMEOUT,
         )
     except DB_STARTUP_ERRORS as exc:
-        # One clear line instead of a traceback, then a non-zero exit (erratum 11).
-        log.critical("cannot reach the database: %r; is DATABASE_URL right and the server up?", exc)
+        # One clear line, not a traceback, and a non-zero exit (erratum 11).
+        log.critical("cannot reach the database: %r; is DATABASE_URL right "
+                     "and the server up?", exc)
         raise SystemExit(EXIT_NO_DATABASE) from None
     app[db_pool] = pool
-    log.info("pool ready (pid %d, min_size=%d, max_size=%d)", os.getpid(), POOL_MIN_SIZE, POOL_MAX_SIZE)
+    log.info("pool ready (pid %d, min_size=%d, max_size=%d)",
+             os.getpid(), POOL_MIN_SIZE, POOL_MAX_SIZE)
     yield
     await pool.close()
     log.info("pool closed (pid %d)", os.getpid())
@@ -107,9 +112,10 @@ async def pg_pool(app: web.Application):
 
 # --8<-- [start:http_client]
 async def http_client(app: web.Application):
-    # Created here, inside the running loop: at module scope it raises RuntimeError (erratum 7).
-    # It comes after pg_pool: if the pool fails at startup, no session is left open (erratum 9).
-    session = aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT, raise_for_status=True)
+    # Made in the running loop: at module scope it raises (erratum 7).
+    # After pg_pool: if the pool fails, no session is left open (erratum 9).
+    session = aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT,
+                                    raise_for_status=True)
     app[http_session] = session
     yield
     await session.close()
@@ -117,8 +123,9 @@ async def http_client(app: web.Application):
 
 
 async def announce_shutdown(app: web.Application) -> None:
-    # on_shutdown runs once the listening socket is closed, before in-flight requests are awaited.
-    log.info("shutdown started (pid %d): draining in-flight requests", os.getpid())
+    # on_shutdown: the socket is closed, in-flight requests not yet awaited.
+    log.info("shutdown started (pid %d): draining in-flight requests",
+             os.getpid())
 # --8<-- [end:http_client]
 
 
@@ -136,12 +143,13 @@ USER_COLUMNS = "id, public_id, name, email, balance, created_at"
 
 
 async def get_user(request: web.Request) -> web.Response:
-    # The route only matches 1-10 ASCII digits with no leading zero; the range is checked here.
+    # The route takes 1-10 ASCII digits, no leading zero; the range is ours.
     user_id = int(request.match_info["id"])
     if user_id > INT4_MAX:
         raise web.HTTPNotFound(reason="User Not Found")
     async with request.app[db_pool].acquire() as conn:
-        row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+        row = await conn.fetchrow(
+            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
     if row is None:
         raise web.HTTPNotFound(reason="User Not Found")
     return web.json_response(dict(row), dumps=dumps)
@@ -150,13 +158,14 @@ async def get_user(request: web.Request) -> web.Response:
 
 # --8<-- [start:upstream]
 async def upstream(request: web.Request) -> web.Response:
-    """Call the upstream service through the shared session and pass on its JSON."""
+    """Call the upstream service with the shared session; pass on its JSON."""
     try:
         async with request.app[http_session].get(UPSTREAM_URL) as response:
             body = await response.json(content_type=None)
     except asyncio.TimeoutError:
         raise web.HTTPGatewayTimeout(reason="Upstream Timeout") from None
-    except (aiohttp.ClientError, ValueError):  # refused, an error status, or a body that is not JSON
+    # refused, an error status, or a body that is not JSON
+    except (aiohttp.ClientError, ValueError):
         raise web.HTTPBadGateway(reason="Upstream Unavailable") from None
     return web.json_response({"upstream": body})
 # --8<-- [end:upstream]
@@ -180,6 +189,8 @@ def create_app() -> web.Application:
 
 # --8<-- [start:main]
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    web.run_app(create_app(), host="0.0.0.0", port=int(os.environ.get("PORT", "8080")))
+    logging.basicConfig(level=logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    port = int(os.environ.get("PORT", "8080"))
+    web.run_app(create_app(), host="0.0.0.0", port=port)
 # --8<-- [end:main]

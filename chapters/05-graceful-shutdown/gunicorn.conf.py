@@ -1,9 +1,9 @@
-"""Gunicorn settings for chapter 05. Run: gunicorn -c gunicorn.conf.py (the image's CMD runs the same)."""
+"""Gunicorn settings for chapter 05: gunicorn -c gunicorn.conf.py"""
 import os
 
 # --8<-- [start:app]
-# 'app:create_app()' calls the factory once per worker. A bare 'app:create_app' would hand
-# Gunicorn the function itself, which aiohttp's worker rejects unless it is async (erratum 1).
+# The factory, called once per worker. A bare 'app:create_app' is rejected
+# by aiohttp's worker unless it is async (erratum 1).
 wsgi_app = "app:create_app()"
 worker_class = "aiohttp.GunicornWebWorker"
 # --8<-- [end:app]
@@ -14,44 +14,38 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # --8<-- [end:env]
 
 # --8<-- [start:container]
-# Gunicorn 25+ opens a control socket under $HOME (or $XDG_RUNTIME_DIR) for `gunicornc`. A container
-# user has no writable home and may run on a read-only root, where that socket is an ERROR at every
-# boot; nothing in a container talks to it, so it stays off (erratum 10).
+# Gunicorn 25+ opens a control socket under $HOME; a container user has no
+# writable home, so it logs an ERROR at every boot (erratum 10).
 control_socket_disable = True
 # --8<-- [end:container]
 
 # --8<-- [start:shutdown]
-# On SIGTERM each worker stops accepting, lets in-flight requests finish, cancels what still runs
-# when its drain ends and runs every cleanup context's teardown; the master SIGKILLs what is left at
-# graceful_timeout. That must come before the platform's own kill (docker stop: 10 s, Kubernetes:
-# 30 s), which is why Gunicorn's default of 30 s does not fit under `docker stop` (erratum 5).
+# On SIGTERM the workers drain; the master SIGKILLs what is left after
+# graceful_timeout, which must end before the platform's kill: docker stop
+# gives 10 s, so Gunicorn's default of 30 s does not fit (erratum 5).
 graceful_timeout = 8
 
 
 def post_worker_init(worker):
-    """Let every worker finish its drain and its teardown before the master's kill.
-
-    aiohttp's worker notices SIGTERM only at its next once-a-second check, and then drains for 95%
-    of graceful_timeout: left alone, the master's SIGKILL at graceful_timeout can land mid-drain,
-    and no cleanup context's teardown runs. So, in this worker only: SIGTERM wakes it at once, as
-    SIGINT and SIGQUIT already do, and its drain ends 2 s before the master's kill (the master
-    still waits the full graceful_timeout).
-    """
+    """aiohttp's worker sees SIGTERM up to 1 s late and drains for 95% of
+    graceful_timeout: wake it at once, end its drain 2 s before the kill."""
     import signal
 
-    worker.loop.add_signal_handler(signal.SIGTERM, worker.handle_quit, signal.SIGTERM, None)
+    worker.loop.add_signal_handler(
+        signal.SIGTERM, worker.handle_quit, signal.SIGTERM, None)
     worker.cfg.set("graceful_timeout", max(worker.cfg.graceful_timeout - 2, 0))
 # --8<-- [end:shutdown]
 
 # --8<-- [start:logging]
 accesslog = "-"
-# Gunicorn configures only its own loggers; this sends the app's log lines (pool ready, pool
-# closed) to stderr too, once each.
+# Gunicorn sets up only its own loggers; this sends the app's lines to stderr.
 logconfig_dict = {
     "root": {"level": "INFO", "handlers": ["error_console"]},
     "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
-        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"],
+                           "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"],
+                            "propagate": False},
     },
 }
 # --8<-- [end:logging]
@@ -64,7 +58,8 @@ def when_ready(server):
 
     n = server.cfg.workers
     server.log.info(
-        "connection budget: %d workers x min_size %d = %d at boot, x max_size %d = up to %d",
+        "connection budget: %d workers x min_size %d = %d at boot, "
+        "x max_size %d = up to %d",
         n, POOL_MIN_SIZE, n * POOL_MIN_SIZE, POOL_MAX_SIZE, n * POOL_MAX_SIZE,
     )
 # --8<-- [end:budget]
@@ -74,8 +69,8 @@ def when_ready(server):
 def on_starting(server):
     """Try the database once in the master, before any worker forks.
 
-    Without this, every worker fails on its own and Gunicorn may trip over the second failure while
-    halting on the first, printing its own traceback over our one clear line.
+    Otherwise each worker fails on its own, and a traceback for a second
+    failure can bury our one clear line.
     """
     import asyncio
 
@@ -83,13 +78,14 @@ def on_starting(server):
     from app import CONNECT_TIMEOUT, DEFAULT_DATABASE_URL, EXIT_NO_DATABASE
 
     async def probe():
-        conn = await asyncpg.connect(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL),
-                                     timeout=CONNECT_TIMEOUT)
+        dsn = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+        conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
         await conn.close()
 
     try:
         asyncio.run(probe())
-    except Exception as exc:  # whatever the cause, the message and the exit code are the same
-        server.log.critical("cannot reach the database: %r; is DATABASE_URL right and the server up?", exc)
+    except Exception as exc:  # whatever the cause, the same line and exit
+        server.log.critical("cannot reach the database: %r; is DATABASE_URL "
+                            "right and the server up?", exc)
         raise SystemExit(EXIT_NO_DATABASE) from None
 # --8<-- [end:preflight]
