@@ -658,20 +658,9 @@ def pool_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if "pool" in line.lower()]
 
 
-def wait_for_pool_ready_lines(running, count: int, timeout: float = 20.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = [line for line in running.output().splitlines() if "pool ready" in line]
-        if len(lines) >= count or time.monotonic() > deadline:
-            return lines
-        time.sleep(0.05)
-
-
 def test_erratum_13_the_articles_app_logs_no_pool_at_all(pg, tmp_path):
     """The article's app under its Gunicorn command: both workers serve from their pools, and from boot
     to exit not one log line mentions a pool, so the platform's live logs cannot confirm one."""
-    from conftest import fresh_database
-
     (tmp_path / "app.py").write_text(ARTICLE_APP)
     port = free_port()
     argv = [sys.executable, "-m", "gunicorn", "app:create_app()", "--bind", f"127.0.0.1:{port}",
@@ -688,13 +677,11 @@ def test_erratum_13_the_articles_app_logs_no_pool_at_all(pg, tmp_path):
 def test_erratum_13_our_chapters_log_each_workers_pool_with_its_sizes(pg):
     """Chapter 03 on (here 03 and the last): one "pool ready" line per worker, naming the worker's pid
     and the pool's min_size and max_size."""
-    from conftest import fresh_database
-
     for chapter in {CH03.number: CH03, LAST.number: LAST}.values():
         with start(chapter, database_url=pg.dsn(fresh_database(pg, chapter.schema)), WEB_CONCURRENCY="2") as running:
             running.wait_until("/users/1")
             workers = {child.pid for child in psutil.Process(running.pid).children()}
-            lines = wait_for_pool_ready_lines(running, 2)
+            lines = wait_for_lines(running, "pool ready", 2)
             assert len(lines) == 2, running.output()
             assert {int(re.search(r"pid (\d+)", line).group(1)) for line in lines} == workers
             assert all("min_size=2" in line and "max_size=10" in line for line in lines), lines
