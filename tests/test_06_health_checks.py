@@ -327,10 +327,12 @@ async def test_users_answer_503_within_the_connect_timeout_when_the_database_nev
 
 async def wait_for_background_checks(timeout: float) -> None:
     """Until no readiness check is left running after its /ready has answered."""
-    deadline = time.monotonic() + timeout
-    while any(task.get_coro().__name__ == "select_1" for task in asyncio.all_tasks()):
-        assert time.monotonic() < deadline, "a readiness check never ended"
-        await asyncio.sleep(0.1)
+    async def running_checks() -> int:
+        return sum(task.get_coro().__name__ == "select_1" for task in asyncio.all_tasks())
+
+    await waiting.until_async(running_checks, timeout=timeout, done=lambda n: n == 0,
+                              waiting_for="every readiness check to end", every=0.1,
+                              seen=lambda n: f"{n} still running")
 
 
 async def test_database_gone_silent_logs_no_error_from_asyncio(aiohttp_client, app_module, proxy, db_name,
