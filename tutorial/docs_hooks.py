@@ -359,3 +359,13 @@ def versions(args: list[str], src: str) -> str:
 
 CHAPTER_MARKERS = {"adds": adds, "run": run, "tests": tests, "diff": diff, "neighbours": neighbours}
 SITE_MARKERS = {"chapters": chapter_table, "commands": commands, "proof": proof, "versions": versions}
+
+
+# -- chapter 07's budget table, from its manifests and configs (tutorial/budget.py) ---------------------------
+def budget_table(args: list[str], src: str) -> str:
+    from tutorial import budget
+
+    return budget.table()
+
+
+SITE_MARKERS["budget"] = budget_table
