@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -344,8 +344,13 @@ class Fleet:
 
 
 # -- make fleet -----------------------------------------------------------------------------------------------
+_printing = threading.Lock()
+
+
 def say(message: str) -> None:
-    print(f"==> {message}", flush=True)
+    with _printing:  # the rollout's threads speak too: one whole line at a time
+        sys.stdout.write(f"==> {message}\n")
+        sys.stdout.flush()
 
 
 def runtime_dir() -> Path:
