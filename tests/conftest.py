@@ -285,3 +285,43 @@ def built_site(tmp_path_factory) -> BuiltSite:
     if built.returncode != 0:
         pytest.fail(f"mkdocs build --strict failed:\n{built.output}", pytrace=False)
     return built
+
+
+# -- chapter 07's fleet: PostgreSQL, PgBouncer, replicas and HAProxy, all real (tutorial/fleet.py) ----------
+@pytest.fixture(scope="session")
+def fleet_tools() -> None:
+    """Debian's haproxy and pgbouncer; a learner's machine without them skips with what to install."""
+    from tutorial import fleet
+
+    why = fleet.missing_tools()
+    if why:
+        missing("haproxy and pgbouncer", why)
+
+
+def start_fleet(runtime: Path, **options):
+    from tutorial import fleet
+
+    started = fleet.Fleet(runtime, port=process.free_port(), say=lambda message: None, **options)
+    try:
+        return started.start()
+    except (fleet.FleetError, DatabaseError) as exc:
+        pytest.fail(f"the fleet could not start: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def fleet(fleet_tools, tmp_path_factory):
+    """Chapter 07's fleet with the manifests' numbers, shared by a module's tests; each test leaves it
+    with as many ready replicas as it found."""
+    started = start_fleet(tmp_path_factory.mktemp("fleet"))
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def article_fleet(fleet_tools, tmp_path):
+    """A fleet whose replicas run with Gunicorn's default graceful_timeout, as the article's do."""
+    from tutorial import rollout
+
+    started = start_fleet(tmp_path / "fleet", graceful_timeout=rollout.ARTICLE["graceful_timeout"])
+    yield started
+    started.stop()

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import budget, chapters, process
-from .database import SERVICE_USER, LocalPostgres, execute
+from .database import SERVICE_USER, LocalPostgres, ensure_prefix_permissions, execute
 
 CHAPTER = "07"
 INSTALL = "install them with `apt install haproxy pgbouncer` (Debian, Ubuntu) or `brew install haproxy pgbouncer`"
@@ -34,9 +34,12 @@ class FleetError(RuntimeError):
     """The fleet could not start; the message says why in one line."""
 
 
+# Debian installs both in /usr/sbin, which a learner's PATH may not hold.
+SBIN = "/usr/sbin:/usr/local/sbin:/opt/homebrew/bin"
+
+
 def tool(name: str) -> str | None:
-    """Debian installs both in /usr/sbin, which a learner's PATH may not hold."""
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/opt/homebrew/bin")
+    return shutil.which(name) or (shutil.which(name, path=SBIN) if SBIN else None)
 
 
 def missing_tools() -> str | None:
@@ -159,6 +162,8 @@ class Fleet:
             raise FleetError(f"port {self.port} is already in use; pick another: make fleet PORT=8081")
         self.runtime.mkdir(parents=True, exist_ok=True)
         self.runtime.chmod(0o755)
+        if _as_root():  # PostgreSQL and PgBouncer run as the service user, who must reach this folder
+            ensure_prefix_permissions(self.runtime)
         self.app_port = _free_port_on(self.slot_address(0))
         try:
             self._start_postgres()
