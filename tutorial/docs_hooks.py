@@ -369,3 +369,12 @@ def budget_table(args: list[str], src: str) -> str:
 
 
 SITE_MARKERS["budget"] = budget_table
+
+
+def rollout_table(args: list[str], src: str) -> str:
+    from tutorial import rollout
+
+    return rollout.side_by_side()
+
+
+SITE_MARKERS["rollout"] = rollout_table

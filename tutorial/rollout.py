@@ -211,7 +211,7 @@ def report(rollout: Rollout, load: Load, began: float, ended: float) -> dict:
     n = rollout.fleet.numbers
     return {
         "setup": rollout.setup,
-        "numbers": {"replicas": len(rollout.events) and n.replicas, "max_surge": n.max_surge,
+        "numbers": {"replicas": rollout.fleet.replica_count, "max_surge": n.max_surge,
                     "prestop_s": rollout.prestop, "grace_s": rollout.grace,
                     "graceful_timeout_s": rollout.fleet.graceful_timeout or n.graceful_timeout,
                     "workers": n.workers, "pool_max_size": n.pool_max, "propagation_s": PROPAGATION,
@@ -352,3 +352,27 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+# -- the chapter page's side-by-side table, from the committed runs -----------------------------------------
+RUNS = chapters.ROOT / "docs" / "rollout"
+
+
+def side_by_side(folder: Path = RUNS) -> str:
+    runs = [json.loads((folder / f"{setup}.json").read_text()) for setup in ("chapter", "article")]
+    rows = [
+        ("preStop sleep", lambda r: f"{r['numbers']['prestop_s']} s"),
+        ("graceful_timeout / grace period",
+         lambda r: f"{r['numbers']['graceful_timeout_s']} s / {r['numbers']['grace_s']} s"),
+        ("requests", lambda r: str(r["requests"])),
+        ("failed", lambda r: f"**{r['failed']}**"),
+        ("failed, by kind", lambda r: ", ".join(f"{k} {v}" for k, v in r["failed_by_kind"].items() if v) or "none"),
+        ("p99 before the rollout", lambda r: f"{r['p99_ms_before']:.1f} ms"),
+        ("p99 during the rollout", lambda r: f"{r['p99_ms_during']:.1f} ms"),
+        ("rollout took", lambda r: f"{r['rollout_s'][1] - r['rollout_s'][0]:.1f} s"),
+        ("PostgreSQL connections at most",
+         lambda r: f"{r['postgres_connections_max']} (budget {r['postgres_connections_budget']})"),
+    ]
+    lines = ["| | `make rollout` | `make rollout SETUP=article` |", "|---|---|---|"]
+    lines += [f"| {name} | {show(runs[0])} | {show(runs[1])} |" for name, show in rows]
+    return "\n".join(lines)
