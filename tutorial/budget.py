@@ -224,13 +224,13 @@ def problems(f: Fleet) -> list[str]:
 def table(f: Fleet | None = None) -> str:
     f = f or load()
     rows = [
-        ("Grace period", f"preStop {f.prestop} s + graceful_timeout {f.graceful_timeout} s + margin "
-                         f"{GRACE_MARGIN} s = {f.prestop + f.graceful_timeout + GRACE_MARGIN} s",
+        ("Grace period", (f"preStop {f.prestop} s + graceful_timeout {f.graceful_timeout} s + margin "
+                          f"{GRACE_MARGIN} s = {f.prestop + f.graceful_timeout + GRACE_MARGIN} s"),
          f"terminationGracePeriodSeconds {f.grace} s"),
         ("Workers per replica", f"limits.cpu {f.workers} (rounded up)", f"WEB_CONCURRENCY {f.workers}"),
         ("Clients of PgBouncer, during a rollout",
-         f"(replicas {f.replicas} + maxSurge {f.max_surge}) × workers {f.workers} × max_size {f.pool_max} "
-         f"= {f.client_connections}", f"max_client_conn {f.max_client_conn}"),
+         (f"(replicas {f.replicas} + maxSurge {f.max_surge}) × workers {f.workers} × max_size {f.pool_max} "
+          f"= {f.client_connections}"), f"max_client_conn {f.max_client_conn}"),
         ("Connections PostgreSQL sees", f"PgBouncer's server pool {f.server_pool}",
          f"max_connections {f.postgres_max_connections} − reserved {f.postgres_reserved} = {f.postgres_available}"),
         ("Replicas a node drain may take", f"PodDisruptionBudget: {f.disruptions_allowed}",

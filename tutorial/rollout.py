@@ -24,7 +24,7 @@ import json
 import math
 import os
 import signal
-import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -61,7 +61,7 @@ class Load:
     def now(self) -> float:
         return round(time.monotonic() - self.started, 3)
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         self._thread.start()
         return self
 
@@ -181,7 +181,7 @@ class Rollout:
         try:
             code = replica.proc.wait(max(self.grace - self.prestop, 0))
             self.mark(replica.name, f"exited ({code})")
-        except Exception:  # the grace period is over
+        except subprocess.TimeoutExpired:  # the grace period is over
             replica.kill()
             self.mark(replica.name, "SIGKILL at the end of the grace period")
         removal.join()
@@ -273,14 +273,14 @@ def chart(r: dict, path: Path) -> None:
 
 # -- make rollout -----------------------------------------------------------------------------------------
 def rehearse(fleet: Fleet, setup: str, *, rate: int = RATE, progress_deadline: float | None = None,
-             surge_env: dict | None = None, say=say) -> dict:
+             surge_env: dict | None = None, baseline: float = BASELINE, say=say) -> dict:
     """One rollout on a running fleet, under load; returns the report."""
     load = Load(fleet.url, fleet.admin_dsn, rate).start()
     rollout = Rollout(fleet, load, setup, progress_deadline=progress_deadline, surge_env=surge_env, say=say)
     try:
         progress = threading.Thread(target=show_progress, args=(load, say), daemon=True)
         progress.start()
-        time.sleep(BASELINE)
+        time.sleep(baseline)
         began = load.now()
         rollout.run()
         ended = load.now()
