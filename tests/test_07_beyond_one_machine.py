@@ -7,6 +7,7 @@ checked on a broken copy, so a check that could never fail would show here.
 """
 import asyncio
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -190,23 +191,59 @@ def events_of(report: dict, name: str) -> dict[str, float]:
     return {e["event"].split(" (")[0].split(":")[0]: e["t"] for e in report["events"] if e["replica"] == name}
 
 
-def test_rollout_in_kubernetes_order_fails_no_request(fleet):
-    """Every replica replaced under steady load with the manifests' numbers: no request fails, each old
-    replica leaves the load balancer before its SIGTERM and exits 0 within its grace period, and
-    PostgreSQL never holds more than PgBouncer's pool."""
-    old = {r.name for r in fleet.replicas.values()}
-    report = rollout.rehearse(fleet, "chapter", say=lambda message: None)
-    assert report["failed"] == 0, (report["failed_by_kind"], report["events"])
-    assert report["requests"] >= 1000 and report["stopped"] is None
-    assert len(fleet.replicas) == FLEET.replicas and not old & {r.name for r in fleet.replicas.values()}
-    for name in old:
-        seen = events_of(report, name)
-        assert seen["terminating"] < seen["out of the load balancer"] < seen["SIGTERM"] < seen["exited"], seen
-        assert seen["SIGTERM"] - seen["terminating"] >= FLEET.prestop - 0.1
-        assert seen["exited"] - seen["terminating"] < FLEET.grace, seen
-        assert any(e["replica"] == name and e["event"] == "exited (0)" for e in report["events"])
-    assert 0 < report["postgres_connections_max"] <= report["postgres_connections_budget"] == FLEET.server_pool
-    assert rollout.last_line(report).startswith(f"rollout: {report['requests']} requests, 0 failed, p99 ")
+LAST_LINE = re.compile(r"^rollout: (?P<n>\d+) requests, (?P<f>\d+) failed, p99 [\d.]+ ms before, [\d.]+ ms during; "
+                       r"(?P<c>\d+) PostgreSQL connections at most \(budget (?P<b>\d+)\)$")
+
+
+def test_make_fleet_then_make_rollout_fails_no_request_and_ctrl_c_leaves_nothing(fleet_tools, tmp_path):
+    """`make fleet`, then `make rollout` in a second terminal: every replica replaced under steady load in
+    Kubernetes' order with the manifests' numbers and no failed request; each old replica leaves the
+    load balancer before its SIGTERM and exits within its grace period; PostgreSQL never holds more than
+    PgBouncer's pool. Then Ctrl-C on `make fleet` stops everything, the rollout's replicas included."""
+    env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
+    log = tmp_path / "fleet.log"
+    with open(log, "w") as out:
+        fleet_proc = subprocess.Popen([sys.executable, "-m", "tutorial.fleet"], cwd=chapters.ROOT, env=env,
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_output(log, fleet_proc, "Try:")
+        old = {r[0] for r in state_of(tmp_path)["replicas"].values()}
+        result = subprocess.run([sys.executable, "-m", "tutorial.rollout", "--out", str(tmp_path / "out")],
+                                cwd=chapters.ROOT, env=env, capture_output=True, text=True, timeout=150, check=False)
+        lines = result.stdout.strip().splitlines()
+        assert result.returncode == 0 and "taking over the make fleet" in result.stdout, result.stdout + result.stderr
+        last = LAST_LINE.match(lines[-1])
+        assert last and last["f"] == "0" and int(last["n"]) >= 1000, lines[-1]
+        assert 0 < int(last["c"]) <= int(last["b"]) == FLEET.server_pool, lines[-1]
+        report = json.loads((tmp_path / "out" / "chapter.json").read_text())
+        for name in old:
+            seen = events_of(report, name)
+            assert seen["terminating"] < seen["out of the load balancer"] < seen["SIGTERM"] < seen["exited"], seen
+            assert seen["SIGTERM"] - seen["terminating"] >= FLEET.prestop - 0.1
+            assert seen["exited"] - seen["terminating"] < FLEET.grace, seen
+        replicas = state_of(tmp_path)["replicas"]
+        assert len(replicas) == FLEET.replicas and not old & {r[0] for r in replicas.values()}
+        started = [p.pid for p in psutil.Process(fleet_proc.pid).children(recursive=True)]
+        started += [pid for _, pid in replicas.values()]
+        started += [c.pid for _, pid in replicas.values() for c in psutil.Process(pid).children()]
+        os.killpg(fleet_proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's foreground group
+        fleet_proc.wait(60)
+    finally:
+        if fleet_proc.poll() is None:
+            os.killpg(fleet_proc.pid, signal.SIGKILL)
+    assert still_running(started) == [], log.read_text()
+    assert "fleet stopped" in log.read_text()
+
+
+def state_of(tmp_path) -> dict:
+    return json.loads((tmp_path / "fleet" / "fleet.json").read_text())
+
+
+def wait_for_output(log, proc, needle: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert needle in log.read_text(), log.read_text()
 
 
 def test_article_setup_fails_requests_and_counts_them_by_kind(article_fleet):
@@ -283,10 +320,7 @@ def interrupted(argv: list[str], tmp_path, wait_for: str, timeout: float = 90) -
         proc = subprocess.Popen([sys.executable, *argv], cwd=chapters.ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout
-        while wait_for not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert wait_for in log.read_text(), log.read_text()
+        wait_for_output(log, proc, wait_for, timeout)
         started = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         assert len(started) > 4, started  # PostgreSQL, PgBouncer, HAProxy, the replicas and their workers
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's foreground group
@@ -307,12 +341,6 @@ def still_running(pids: list[int]) -> list[str]:
         except psutil.NoSuchProcess:
             pass
     return alive
-
-
-def test_ctrl_c_on_make_fleet_leaves_no_process_behind(fleet_tools, tmp_path):
-    output, started = interrupted(["-m", "tutorial.fleet"], tmp_path, "Try:")
-    assert still_running(started) == [], output
-    assert "fleet stopped" in output
 
 
 def test_ctrl_c_on_make_rollout_leaves_no_process_behind(fleet_tools, tmp_path):

@@ -10,6 +10,7 @@ packages may have started are left alone, and stop() ends exactly what start() b
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import psutil
 
 from . import budget, chapters, process
 from .database import SERVICE_USER, LocalPostgres, ensure_prefix_permissions, execute
@@ -121,6 +124,48 @@ class Replica(Part):
             return None
 
 
+class Handle:
+    """A process started by another run of ours (make fleet's replicas, seen from make rollout), with
+    the bits of subprocess.Popen the fleet uses."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+        try:
+            self._process = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            self._process, self.returncode = None, 0
+
+    def poll(self) -> int | None:
+        if self.returncode is None and (self._process is None or not self._process.is_running()
+                                        or self._process.status() == psutil.STATUS_ZOMBIE):
+            self.returncode = 0  # not our child: its exit code is its parent's to read
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+class Adopted(Part):
+    def __init__(self, fleet: Fleet, slot: int, name: str, pid: int):
+        self.name, self.slot, self.log_path = name, slot, fleet.runtime / f"{name}.log"
+        self.address, self.port = fleet.slot_address(slot), fleet.app_port
+        self.url = f"http://{self.address}:{self.port}"
+        self.proc = Handle(pid)
+
+    answers = Replica.answers
+
+
 class Fleet:
     def __init__(self, runtime: Path, *, replicas: int | None = None, port: int = 8080,
                  graceful_timeout: int | None = None, say=print):
@@ -135,6 +180,7 @@ class Fleet:
         self.haproxy: Part | None = None
         self.replicas: dict[int, Replica] = {}  # by slot
         self._names = 0
+        self.owner: int | None = None  # the make fleet this one took over, if any
 
     # -- addresses ----------------------------------------------------------------------------------------
     @property
@@ -177,11 +223,64 @@ class Fleet:
         except BaseException:
             self.stop()
             raise
+        self.save()
         return self
+
+    # -- a second terminal: make rollout while make fleet runs ---------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.runtime / "fleet.json"
+
+    def save(self) -> None:
+        """What make rollout needs to take this fleet over, and make fleet to stop what it added."""
+        state = {"pid": os.getpid() if self.owner is None else self.owner, "port": self.port,
+                 "app_port": self.app_port, "pgbouncer_port": self.pgbouncer_port,
+                 "postgres_port": self.postgres.port, "names": self._names,
+                 "graceful_timeout": self.graceful_timeout,
+                 "replicas": {str(slot): [r.name, r.proc.pid] for slot, r in self.replicas.items()}}
+        scratch = self.state_file.with_suffix(".tmp")
+        scratch.write_text(json.dumps(state))
+        scratch.replace(self.state_file)
+
+    def load_state(self) -> dict | None:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def adopt(self) -> bool:
+        """Take over the running make fleet in this runtime folder, if there is one on our port."""
+        state = self.load_state()
+        if not state or state["port"] != self.port or not psutil.pid_exists(state["pid"]):
+            return False
+        self.owner = state["pid"]
+        self.app_port, self.pgbouncer_port = state["app_port"], state["pgbouncer_port"]
+        self.graceful_timeout, self._names = state["graceful_timeout"], state["names"]
+        self.database_url = f"postgresql://postgres@127.0.0.1:{self.pgbouncer_port}/{DATABASE}"
+        self.postgres = LocalPostgres(self.runtime / "postgres" / "data", port=state["postgres_port"])
+        self.refresh()
+        return True
+
+    def refresh(self) -> None:
+        """The replicas as the state file lists them (a rollout may have replaced some)."""
+        state = self.load_state() or {"replicas": {}, "names": self._names}
+        listed = {int(slot): (name, pid) for slot, (name, pid) in state["replicas"].items()}
+        for slot in list(self.replicas):
+            if slot not in listed or self.replicas[slot].proc.pid != listed[slot][1]:
+                self.replicas.pop(slot)
+        for slot, (name, pid) in listed.items():
+            if slot not in self.replicas:
+                self.replicas[slot] = Adopted(self, slot, name, pid)
+        self._names = max(self._names, state["names"])
 
     def stop(self) -> None:
         """Front to back: the load balancer, the replicas (SIGTERM, as a platform sends), PgBouncer,
         PostgreSQL. Each is killed if it does not stop in time."""
+        if self.owner is not None:
+            return  # a fleet taken over from make fleet is make fleet's to stop
+        if self.pgbouncer or self.haproxy:
+            self.refresh()  # replicas a make rollout added are ours to stop too
+        self.state_file.unlink(missing_ok=True)
         if self.haproxy:
             self.haproxy.stop(signal.SIGUSR1, timeout=5)  # HAProxy's soft stop
             self.haproxy = None
@@ -307,7 +406,14 @@ class Fleet:
         self._names += 1
         replica = Replica(self, slot, name, **env)
         self.replicas[slot] = replica
+        if self.owner is not None:
+            self.save()
         return replica
+
+    def remove(self, slot: int) -> None:
+        self.replicas.pop(slot, None)
+        if self.owner is not None:
+            self.save()
 
     def wait_ready(self, replica: Replica, timeout: float) -> str | None:
         """Kubelet's order: the startupProbe until /health passes, then the readinessProbe until /ready
@@ -381,12 +487,13 @@ def main(argv: list[str]) -> int:
         print(f"      curl -i http://localhost:{port}/users/1", flush=True)
         print(f"      psql '{fleet.postgres.dsn(DATABASE)}' -c 'SELECT application_name, state "
               "FROM pg_stat_activity'", flush=True)
-        print("      make rollout        (a rehearsed rolling deploy under load, with a fleet of its own)",
+        print("      make rollout        (in a second terminal: a rolling deploy of this fleet under load)",
               flush=True)
         print(f"      ({n.workers} workers each, pool max_size {n.pool_max}; logs in {fleet.runtime})", flush=True)
-        while all(r.alive for r in fleet.replicas.values()) and fleet.haproxy.alive and fleet.pgbouncer.alive:
+        # Replicas come and go while a make rollout runs in another terminal; the two shared parts must not.
+        while fleet.haproxy.alive and fleet.pgbouncer.alive:
             time.sleep(0.2)
-        dead = [p.name for p in [*fleet.replicas.values(), fleet.haproxy, fleet.pgbouncer] if not p.alive]
+        dead = [p.name for p in (fleet.haproxy, fleet.pgbouncer) if not p.alive]
         say(f"{', '.join(dead)} exited; stopping the fleet")
         return 1
     except KeyboardInterrupt:

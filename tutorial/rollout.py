@@ -133,6 +133,7 @@ class Rollout:
         self.surge_env = surge_env or {}
         self.events: list[dict] = []
         self.stopped: str | None = None
+        self.pending, self.terminating = [], []  # surges not ready yet, old replicas on their way out
         self._lock = threading.Lock()
 
     def mark(self, name: str, event: str) -> None:
@@ -146,6 +147,7 @@ class Rollout:
         for old in list(self.fleet.replicas.values()):
             with self._lock:
                 surge = self.fleet.add_replica(**self.surge_env)
+                self.pending.append(surge)
             self.mark(surge.name, f"created on {surge.address} (surge)")
             why = self.fleet.wait_ready(surge, timeout=self.progress_deadline)
             if why:
@@ -153,9 +155,12 @@ class Rollout:
                 self.mark(surge.name, "never ready: rollout stopped")
                 surge.stop(timeout=self.grace)
                 with self._lock:
-                    del self.fleet.replicas[surge.slot]
+                    self.pending.remove(surge)
+                    self.fleet.remove(surge.slot)
                 break
             self.fleet.enable(surge.slot)
+            with self._lock:
+                self.pending.remove(surge)
             self.mark(surge.name, "ready: in the load balancer")
             thread = threading.Thread(target=self.terminate, args=(old,), daemon=True)
             thread.start()
@@ -165,6 +170,8 @@ class Rollout:
 
     def terminate(self, replica) -> None:
         """The kubelet and the endpoints controller, each on its own clock."""
+        with self._lock:
+            self.terminating.append(replica)
         self.mark(replica.name, "terminating")
 
         def remove():
@@ -186,7 +193,22 @@ class Rollout:
             self.mark(replica.name, "SIGKILL at the end of the grace period")
         removal.join()
         with self._lock:
-            del self.fleet.replicas[replica.slot]
+            self.terminating.remove(replica)
+            self.fleet.remove(replica.slot)
+
+    def abandon(self) -> None:
+        """Interrupted on a fleet that make fleet owns: leave it whole, serving, with nothing half-done.
+        A surge not ready yet goes; an old replica on its way out leaves the load balancer and gets
+        its SIGTERM now."""
+        with self._lock:
+            for surge in self.pending:
+                surge.kill()
+                self.fleet.remove(surge.slot)
+            for old in self.terminating:
+                self.fleet.disable(old.slot)
+                old.send(signal.SIGTERM)
+                self.fleet.remove(old.slot)
+            self.pending, self.terminating = [], []
 
 
 # -- the report -------------------------------------------------------------------------------------------
@@ -277,6 +299,7 @@ def rehearse(fleet: Fleet, setup: str, *, rate: int = RATE, progress_deadline: f
     """One rollout on a running fleet, under load; returns the report."""
     load = Load(fleet.url, fleet.admin_dsn, rate).start()
     rollout = Rollout(fleet, load, setup, progress_deadline=progress_deadline, surge_env=surge_env, say=say)
+    fleet.rollout = rollout  # for an interrupted run to find
     try:
         progress = threading.Thread(target=show_progress, args=(load, say), daemon=True)
         progress.start()
@@ -315,22 +338,33 @@ def main(argv: list[str]) -> int:
     port = int(os.environ.get("PORT", "8080"))
     out = args.out or runtime_dir().parent / "rollout"
     graceful = ARTICLE["graceful_timeout"] if args.setup == "article" else None
-    fleet = Fleet(runtime_dir().parent / f"rollout-fleet-{args.setup}", port=port, graceful_timeout=graceful,
-                  say=say)
+    fleet = Fleet(runtime_dir(), port=port, say=say)
+    attached = fleet.adopt()
+    if attached:
+        say(f"taking over the make fleet running on localhost:{port} (pid {fleet.owner})")
+        fleet.graceful_timeout = graceful or fleet.graceful_timeout  # for the replicas it starts
+    else:
+        fleet = Fleet(runtime_dir().parent / f"rollout-fleet-{args.setup}", port=port, graceful_timeout=graceful,
+                      say=say)
 
     def stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        fleet.start()
+        if not attached:
+            fleet.start()
         n = fleet.numbers
         say(f"rollout, setup {args.setup}: {n.replicas} replicas, maxSurge {n.max_surge}, "
             f"preStop {n.prestop if args.setup == 'chapter' else 0} s, {args.rate} requests/s through "
             f"localhost:{port}")
         result = rehearse(fleet, args.setup, rate=args.rate)
     except KeyboardInterrupt:
-        say("interrupted; stopping the fleet")
+        if attached and getattr(fleet, "rollout", None):
+            fleet.rollout.abandon()
+            say("interrupted; the fleet keeps serving, make fleet still owns it")
+        else:
+            say("interrupted; stopping the fleet")
         return 130
     except FleetError as exc:
         say(str(exc))
