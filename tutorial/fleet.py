@@ -471,6 +471,10 @@ def runtime_dir() -> Path:
 
 def main(argv: list[str]) -> int:
     port = int(os.environ.get("PORT", "8080"))
+    why = missing_tools()
+    if why:  # before anything starts: one line, nothing to stop
+        say(why)
+        return 1
     fleet = Fleet(runtime_dir(), port=port, say=say)
     stopping = []
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from . import chapters
-from .fleet import Fleet, FleetError, runtime_dir, say
+from .fleet import Fleet, FleetError, missing_tools, runtime_dir, say
 
 # How long an endpoint removal takes to reach the load balancer. Assumed, not measured: kube-proxy
 # on every node has to see the EndpointSlice change; a second is quick for a real cluster.
@@ -336,6 +336,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     port = int(os.environ.get("PORT", "8080"))
+    why = missing_tools()
+    if why:  # before anything starts: one line, nothing to stop
+        say(why)
+        return 1
     out = args.out or runtime_dir().parent / "rollout"
     graceful = ARTICLE["graceful_timeout"] if args.setup == "article" else None
     fleet = Fleet(runtime_dir(), port=port, say=say)
@@ -409,4 +413,6 @@ def side_by_side(folder: Path = RUNS) -> str:
     ]
     lines = ["| | `make rollout` | `make rollout SETUP=article` |", "|---|---|---|"]
     lines += [f"| {name} | {show(runs[0])} | {show(runs[1])} |" for name, show in rows]
+    lines += ["", '```console title="the last line of each run"', "$ make rollout", last_line(runs[0]),
+              "$ make rollout SETUP=article", last_line(runs[1]), "```"]
     return "\n".join(lines)
