@@ -315,6 +315,7 @@ def fleet(fleet_tools, tmp_path_factory):
     started = start_fleet(tmp_path_factory.mktemp("fleet"))
     yield started
     started.stop()
+    assert started.still_listening() == [], "replicas left running after the fleet stopped"
 
 
 @pytest.fixture
@@ -325,3 +326,4 @@ def article_fleet(fleet_tools, tmp_path):
     started = start_fleet(tmp_path / "fleet", graceful_timeout=rollout.ARTICLE["graceful_timeout"])
     yield started
     started.stop()
+    assert started.still_listening() == [], "replicas left running after the fleet stopped"

@@ -278,13 +278,17 @@ class Fleet:
         PostgreSQL. Each is killed if it does not stop in time."""
         if self.owner is not None:
             return  # a fleet taken over from make fleet is make fleet's to stop
-        if self.pgbouncer or self.haproxy:
-            self.refresh()  # replicas a make rollout added are ours to stop too
+        replicas = list(self.replicas.values())
+        known = {r.proc.pid for r in replicas}
+        if self.pgbouncer or self.haproxy:  # replicas a make rollout added are ours to stop too
+            listed = (self.load_state() or {}).get("replicas", {})
+            replicas += [Adopted(self, int(slot), name, pid) for slot, (name, pid) in listed.items()
+                         if pid not in known]
         self.state_file.unlink(missing_ok=True)
         if self.haproxy:
             self.haproxy.stop(signal.SIGUSR1, timeout=5)  # HAProxy's soft stop
             self.haproxy = None
-        for replica in list(self.replicas.values()):
+        for replica in replicas:
             replica.stop(timeout=self.numbers.grace + 5)
         self.replicas.clear()
         if self.pgbouncer:
@@ -406,14 +410,12 @@ class Fleet:
         self._names += 1
         replica = Replica(self, slot, name, **env)
         self.replicas[slot] = replica
-        if self.owner is not None:
-            self.save()
+        self.save()
         return replica
 
     def remove(self, slot: int) -> None:
         self.replicas.pop(slot, None)
-        if self.owner is not None:
-            self.save()
+        self.save()
 
     def wait_ready(self, replica: Replica, timeout: float) -> str | None:
         """Kubelet's order: the startupProbe until /health passes, then the readinessProbe until /ready
@@ -428,6 +430,15 @@ class Fleet:
                     return f"{replica.name} not ready after {timeout:.0f} s"
                 time.sleep(probe.period)
         return None
+
+    def still_listening(self) -> list[str]:
+        """Replica addresses that still accept a connection: after stop(), there must be none."""
+        found = []
+        for slot in range(self.slots):
+            with socket.socket() as sock:
+                if sock.connect_ex((self.slot_address(slot), self.app_port)) == 0:
+                    found.append(f"{self.slot_address(slot)}:{self.app_port}")
+        return found
 
     def haproxy_command(self, command: str) -> str:
         with socket.socket(socket.AF_UNIX) as sock:
