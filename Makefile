@@ -22,7 +22,7 @@ help:
 	@echo "make docs                             serve the tutorial site on http://localhost:8000"
 	@echo "make bench                            measure the service (see bench/README.md)"
 	@echo "make fleet  [PORT=8080]               chapter 07 as a fleet: PostgreSQL, PgBouncer, replicas, HAProxy"
-	@echo "make rollout [SETUP=article]          a rolling deploy rehearsed under load, on a fleet of its own"
+	@echo "make rollout [SETUP=article]          a rolling deploy under load: of a running make fleet, or of its own"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
