@@ -274,10 +274,13 @@ def test_a_surge_replica_that_never_becomes_ready_stops_the_rollout(fleet):
 
 
 def test_pgbouncer_stopped_under_load_turns_ready_to_503_and_back_without_restarts(fleet):
-    """With PgBouncer gone every replica's /ready answers 503 within READY_TIMEOUT, nothing answers 500,
-    /health stays 200; once it is back every replica is ready again with the same processes."""
+    """With PgBouncer gone, under steady load through HAProxy, every replica's /ready answers 503 within
+    READY_TIMEOUT, nothing answers 500, /health stays 200; once it is back every replica is ready again
+    with the same processes."""
     app = load_app_constants()
     pids = {r.name: {p.pid for p in psutil.Process(r.proc.pid).children()} for r in fleet.replicas.values()}
+    load = rollout.Load(fleet.url, fleet.admin_dsn, rate=100).start()
+    time.sleep(1)
     fleet.stop_pgbouncer()
     try:
         for replica in fleet.replicas.values():
@@ -288,9 +291,13 @@ def test_pgbouncer_stopped_under_load_turns_ready_to_503_and_back_without_restar
             assert replica.answers("/health") == 200
     finally:
         fleet.start_pgbouncer_again()
-    for replica in fleet.replicas.values():
-        assert fleet.wait_ready(replica, timeout=15) is None
-        assert {replica.answers("/users/1") for _ in range(5)} == {200}
+    try:
+        for replica in fleet.replicas.values():
+            assert fleet.wait_ready(replica, timeout=15) is None
+            assert {replica.answers("/users/1") for _ in range(5)} == {200}
+    finally:
+        load.stop()
+    assert load.statuses[200] > 0 and set(load.statuses) <= {200, 503}, load.statuses
     assert {r.name: {p.pid for p in psutil.Process(r.proc.pid).children()} for r in fleet.replicas.values()} == pids
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import math
 import os
@@ -55,6 +56,7 @@ class Load:
         self.started = time.monotonic()
         self.results: list[tuple[float, float, str]] = []  # (start, seconds, "ok" or a failure kind)
         self.pg: list[tuple[float, int]] = []
+        self.statuses: collections.Counter = collections.Counter()  # HTTP statuses that came back
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
@@ -96,6 +98,7 @@ class Load:
         try:
             async with session.get(self.url) as response:
                 await response.read()
+                self.statuses[response.status] += 1
                 kind = "ok" if response.status == 200 else "5xx" if response.status >= 500 else "other"
         except aiohttp.ClientConnectorError:
             kind = "refused"
