@@ -22,7 +22,7 @@ COPY requirements.txt ./
 RUN python -m pip install --no-cache-dir -r requirements.txt
 
 # Declared late, so every chapter shares the layers above. Default: the last.
-ARG CHAPTER=06-health-checks
+ARG CHAPTER=07-beyond-one-machine
 COPY chapters/${CHAPTER}/ ./
 # Numeric, so a platform can check it is not root without reading /etc/passwd.
 USER 10001:10001

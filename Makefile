@@ -10,9 +10,10 @@ STAMP   := $(VENV)/.installed
 CHAPTER ?=
 PORT    ?= 8080
 DIR     ?=
+SETUP   ?=
 export PORT
 
-.PHONY: help run test check docs bench clean
+.PHONY: help run test check docs bench fleet rollout clean
 
 help:
 	@echo "make run   [CHAPTER=NN] [PORT=8080]   run a chapter (default: the last) against a local PostgreSQL"
@@ -20,6 +21,8 @@ help:
 	@echo "make check CHAPTER=NN DIR=path        run chapter NN's tests against your own folder"
 	@echo "make docs                             serve the tutorial site on http://localhost:8000"
 	@echo "make bench                            measure the service (see bench/README.md)"
+	@echo "make fleet  [PORT=8080]               chapter 07 as a fleet: PostgreSQL, PgBouncer, replicas, HAProxy"
+	@echo "make rollout [SETUP=article]          a rolling deploy under load: of a running make fleet, or of its own"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
@@ -46,6 +49,12 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	@$(PY) -m bench
+
+fleet: $(STAMP)
+	@$(PY) -m tutorial.fleet
+
+rollout: $(STAMP)
+	@$(PY) -m tutorial.rollout $(if $(SETUP),--setup $(SETUP))
 
 clean:
 	rm -rf $(VENV) .data site .pytest_cache

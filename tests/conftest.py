@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import IN_CI, fresh_database, load_module, missing
+from helpers import IN_CI, fresh_database, load_module, missing, start_fleet
 
 from tutorial import chapters as manifest
 from tutorial import process
@@ -273,3 +273,35 @@ def last_chapter_in_a_thread(pg, monkeypatch):
         if left:
             loop.run_until_complete(asyncio.wait(left))
         loop.close()
+
+
+# -- chapter 07's fleet: PostgreSQL, PgBouncer, replicas and HAProxy, all real (tutorial/fleet.py) ----------
+@pytest.fixture(scope="session")
+def fleet_tools() -> None:
+    """Debian's haproxy and pgbouncer; a learner's machine without them skips with what to install."""
+    from tutorial import fleet
+
+    why = fleet.missing_tools()
+    if why:
+        missing("haproxy and pgbouncer", why)
+
+
+@pytest.fixture(scope="module")
+def fleet(fleet_tools, tmp_path_factory):
+    """Chapter 07's fleet with the manifests' numbers, shared by a module's tests; each test leaves it
+    with as many ready replicas as it found."""
+    started = start_fleet(tmp_path_factory.mktemp("fleet"))
+    yield started
+    started.stop()
+    assert started.still_listening() == [], "replicas left running after the fleet stopped"
+
+
+@pytest.fixture
+def article_fleet(fleet_tools, tmp_path):
+    """A fleet whose replicas run with Gunicorn's default graceful_timeout, as the article's do."""
+    from tutorial import rollout
+
+    started = start_fleet(tmp_path / "fleet", graceful_timeout=rollout.ARTICLE["graceful_timeout"])
+    yield started
+    started.stop()
+    assert started.still_listening() == [], "replicas left running after the fleet stopped"

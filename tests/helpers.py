@@ -19,8 +19,8 @@ from types import ModuleType
 import asyncpg
 import pytest
 
-from tutorial import waiting
-from tutorial.database import execute
+from tutorial import process, waiting
+from tutorial.database import DatabaseError, execute
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -180,3 +180,14 @@ def read_until_closed(sock: socket.socket) -> bytes:
         while chunk := sock.recv(65536):
             received += chunk
     return received
+
+
+def start_fleet(runtime: Path, **options):
+    """Chapter 07's fleet (tutorial/fleet.py) started quietly; a failure to start fails the test."""
+    from tutorial import fleet
+
+    started = fleet.Fleet(runtime, port=process.free_port(), say=lambda message: None, **options)
+    try:
+        return started.start()
+    except (fleet.FleetError, DatabaseError) as exc:
+        pytest.fail(f"the fleet could not start: {exc}", pytrace=False)

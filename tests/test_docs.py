@@ -180,7 +180,7 @@ def test_included_code_reaches_the_page(built_site, page_of):
     """The built page holds each included section, with the snippet markers stripped."""
     chapter = page_of
     page = built_site.page(page_url(chapter))
-    rendered = "\n".join(text for lang in ("python", "sql", "dockerfile", "text", "toml", "ini")
+    rendered = "\n".join(text for lang in ("python", "sql", "dockerfile", "text", "toml", "ini", "yaml")
                          for _, text in rendered_blocks(page, lang))
     for path, section in includes(page_source(chapter).read_text()):
         text = resolve(path).read_text()

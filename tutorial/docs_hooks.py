@@ -356,3 +356,22 @@ def versions(args: list[str], src: str) -> str:
 
 CHAPTER_MARKERS = {"adds": adds, "run": run, "tests": tests, "diff": diff, "neighbours": neighbours}
 SITE_MARKERS = {"chapters": chapter_table, "commands": commands, "proof": proof, "versions": versions}
+
+
+# -- chapter 07's budget table, from its manifests and configs (tutorial/budget.py) ---------------------------
+def budget_table(args: list[str], src: str) -> str:
+    from tutorial import budget
+
+    return budget.table()
+
+
+SITE_MARKERS["budget"] = budget_table
+
+
+def rollout_table(args: list[str], src: str) -> str:
+    from tutorial import rollout
+
+    return rollout.side_by_side()
+
+
+SITE_MARKERS["rollout"] = rollout_table

@@ -1,0 +1,233 @@
+"""Chapter 07: chapter 06, ready for a fleet behind PgBouncer."""
+import asyncio
+import datetime
+import decimal
+import functools
+import json
+import logging
+import os
+import socket
+import uuid
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+log = logging.getLogger("app")
+
+# --8<-- [start:keys]
+# A typed key instead of app["pool"]: string keys raise NotAppKeyWarning (erratum 8).
+db_pool = web.AppKey("db_pool", asyncpg.Pool)
+http_session = web.AppKey("http_session", aiohttp.ClientSession)
+# --8<-- [end:keys]
+
+# --8<-- [start:config]
+DEFAULT_DATABASE_URL = "postgresql://postgres@localhost:5432/postgres"
+POOL_MIN_SIZE = 2
+POOL_MAX_SIZE = 10
+CONNECT_TIMEOUT = 5.0  # seconds; asyncpg waits 60 by default for a server that never answers
+READY_TIMEOUT = 2.0  # seconds for /ready to answer, whatever the database does
+UPSTREAM_URL = os.environ.get("UPSTREAM_URL", "http://127.0.0.1:8081/")
+# Inside the worker's drain (about 5.7 s, see gunicorn.conf.py): a call in flight at SIGTERM ends
+# before the worker cuts it.
+UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=5)
+# --8<-- [end:config]
+
+# --8<-- [start:fleet]
+# PgBouncer in transaction mode (1.18) hands each transaction to any server
+# connection, where asyncpg's cached prepared statements do not exist: set
+# DB_STATEMENT_CACHE_SIZE=0 behind it. 100 is asyncpg's default.
+STATEMENT_CACHE_SIZE = int(os.environ.get("DB_STATEMENT_CACHE_SIZE", "100"))
+# pg_stat_activity shows who holds each connection; a pod's hostname is its
+# name, so the default already tells replicas apart.
+APPLICATION_NAME = os.environ.get("APPLICATION_NAME") or socket.gethostname()
+
+
+def create_pool(dsn: str, **options) -> asyncpg.Pool:
+    """asyncpg.create_pool, with this replica's name and statement cache."""
+    return asyncpg.create_pool(
+        dsn=dsn,
+        statement_cache_size=STATEMENT_CACHE_SIZE,
+        server_settings={"application_name": APPLICATION_NAME[:63]},
+        **options,
+    )
+# --8<-- [end:fleet]
+
+# The errors that mean "the database is not there right now", as opposed to a bug in our code.
+DB_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+                  asyncpg.CannotConnectNowError, asyncpg.InterfaceError)
+# At startup a wrong password or database name is as fatal as a server that is not there.
+DB_STARTUP_ERRORS = DB_UNAVAILABLE + (asyncpg.PostgresError, ValueError)
+
+# Gunicorn's "worker failed to boot" code: the master stops instead of respawning workers forever.
+EXIT_NO_DATABASE = 3
+
+
+# --8<-- [start:json]
+def to_json(value):
+    """What json.dumps cannot encode on its own: the types PostgreSQL hands back."""
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)  # a string keeps every digit; a float would round
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+dumps = functools.partial(json.dumps, default=to_json)
+# --8<-- [end:json]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """Turn every error into JSON, so a client never sees HTML or a traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects and the like are not errors
+        return web.json_response(
+            {"error": exc.reason, "status": exc.status},
+            status=exc.status,
+            headers={k: v for k, v in exc.headers.items() if k == "Allow"},
+        )
+    # --8<-- [start:unavailable]
+    except DB_UNAVAILABLE as exc:
+        log.warning("database unavailable on %s %s: %r", request.method, request.path, exc)
+        return web.json_response(
+            {"error": "Database Unavailable", "status": 503}, status=503
+        )
+    # --8<-- [end:unavailable]
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return web.json_response(
+            {"error": "Internal Server Error", "status": 500}, status=500
+        )
+
+
+# --8<-- [start:pool]
+async def pg_pool(app: web.Application):
+    dsn = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+    try:
+        pool = await create_pool(
+            dsn=dsn,
+            min_size=POOL_MIN_SIZE,
+            max_size=POOL_MAX_SIZE,
+            timeout=CONNECT_TIMEOUT,
+        )
+        log.info("pool ready (pid %d, min_size=%d, max_size=%d)", os.getpid(), POOL_MIN_SIZE, POOL_MAX_SIZE)
+    except DB_UNAVAILABLE as exc:
+        # Stay alive without the database: a pool with min_size=0 opens no connection now and
+        # connects on demand, so /ready and /users turn healthy by themselves once it answers.
+        log.warning("database unavailable at boot (%r): live, not ready, until it answers", exc)
+        pool = await create_pool(dsn=dsn, min_size=0, max_size=POOL_MAX_SIZE, timeout=CONNECT_TIMEOUT)
+    except DB_STARTUP_ERRORS as exc:
+        # A wrong password or database name will not fix itself: stop, saying why in one line.
+        log.critical("cannot use the database: %r; is DATABASE_URL right?", exc)
+        raise SystemExit(EXIT_NO_DATABASE) from None
+    app[db_pool] = pool
+    yield
+    await pool.close()
+    log.info("pool closed (pid %d)", os.getpid())
+# --8<-- [end:pool]
+
+
+# --8<-- [start:http_client]
+async def http_client(app: web.Application):
+    # Created here, inside the running loop: at module scope it raises RuntimeError (erratum 7).
+    # It comes after pg_pool: if the pool fails at startup, no session is left open (erratum 9).
+    session = aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT, raise_for_status=True)
+    app[http_session] = session
+    yield
+    await session.close()
+    log.info("http session closed (pid %d)", os.getpid())
+
+
+async def announce_shutdown(app: web.Application) -> None:
+    # on_shutdown runs once the listening socket is closed, before in-flight requests are awaited.
+    log.info("shutdown started (pid %d): draining in-flight requests", os.getpid())
+# --8<-- [end:http_client]
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.json_response({"message": "Hello from aiohttp"})
+
+
+# --8<-- [start:probes]
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers. It never touches the database, so a database outage does not
+    get every replica restarted; that is what /ready is for."""
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: a connection and a SELECT 1 within READY_TIMEOUT in all. A failure or a timeout
+    reaches json_errors as a database error: a JSON 503, so traffic goes elsewhere."""
+    # shield: at the deadline /ready answers at once; the check itself stops in the background, as
+    # handing back a connection that went silent mid-query can take asyncpg another READY_TIMEOUT.
+    await asyncio.wait_for(asyncio.shield(select_1(request.app[db_pool])), READY_TIMEOUT)
+    return web.json_response({"status": "ready"})
+
+
+async def select_1(pool: asyncpg.Pool) -> None:
+    # Each step has its own bound too, so the check always ends, even after /ready has answered.
+    async with pool.acquire(timeout=READY_TIMEOUT) as conn:
+        await conn.fetchval("SELECT 1", timeout=READY_TIMEOUT)
+# --8<-- [end:probes]
+
+
+# --8<-- [start:get_user]
+INT4_MAX = 2**31 - 1  # users.id is an integer column
+USER_COLUMNS = "id, public_id, name, email, balance, created_at"
+
+
+async def get_user(request: web.Request) -> web.Response:
+    # The route only matches 1-10 ASCII digits with no leading zero; the range is checked here.
+    user_id = int(request.match_info["id"])
+    if user_id > INT4_MAX:
+        raise web.HTTPNotFound(reason="User Not Found")
+    async with request.app[db_pool].acquire() as conn:
+        row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+    if row is None:
+        raise web.HTTPNotFound(reason="User Not Found")
+    return web.json_response(dict(row), dumps=dumps)
+# --8<-- [end:get_user]
+
+
+# --8<-- [start:upstream]
+async def upstream(request: web.Request) -> web.Response:
+    """Call the upstream service through the shared session and pass on its JSON."""
+    try:
+        async with request.app[http_session].get(UPSTREAM_URL) as response:
+            body = await response.json(content_type=None)
+    except asyncio.TimeoutError:
+        raise web.HTTPGatewayTimeout(reason="Upstream Timeout") from None
+    except (aiohttp.ClientError, ValueError):  # refused, an error status, or a body that is not JSON
+        raise web.HTTPBadGateway(reason="Upstream Unavailable") from None
+    return web.json_response({"upstream": body})
+# --8<-- [end:upstream]
+
+
+# --8<-- [start:factory]
+def create_app() -> web.Application:
+    app = web.Application(middlewares=[json_errors])
+    app.cleanup_ctx.append(pg_pool)
+    app.cleanup_ctx.append(http_client)
+    app.on_shutdown.append(announce_shutdown)
+    app.add_routes([
+        web.get("/", index),
+        web.get("/health", health),
+        web.get("/ready", ready),
+        web.get("/users/{id:[1-9][0-9]{0,9}}", get_user),
+        web.get("/upstream", upstream),
+    ])
+    return app
+# --8<-- [end:factory]
+
+
+# --8<-- [start:main]
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    web.run_app(create_app(), host="0.0.0.0", port=int(os.environ.get("PORT", "8080")))
+# --8<-- [end:main]
