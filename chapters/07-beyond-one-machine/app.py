@@ -12,11 +12,12 @@ import uuid
 import aiohttp
 import asyncpg
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger("app")
 
 # --8<-- [start:keys]
-# A typed key instead of app["pool"]: string keys raise NotAppKeyWarning (erratum 8).
+# A typed key: a string key like app["pool"] warns (erratum 8).
 db_pool = web.AppKey("db_pool", asyncpg.Pool)
 http_session = web.AppKey("http_session", aiohttp.ClientSession)
 # --8<-- [end:keys]
@@ -25,11 +26,11 @@ http_session = web.AppKey("http_session", aiohttp.ClientSession)
 DEFAULT_DATABASE_URL = "postgresql://postgres@localhost:5432/postgres"
 POOL_MIN_SIZE = 2
 POOL_MAX_SIZE = 10
-CONNECT_TIMEOUT = 5.0  # seconds; asyncpg waits 60 by default for a server that never answers
+CONNECT_TIMEOUT = 5.0  # seconds; asyncpg waits 60 by default
 READY_TIMEOUT = 2.0  # seconds for /ready to answer, whatever the database does
 UPSTREAM_URL = os.environ.get("UPSTREAM_URL", "http://127.0.0.1:8081/")
-# Inside the worker's drain (about 5.7 s, see gunicorn.conf.py): a call in flight at SIGTERM ends
-# before the worker cuts it.
+# Shorter than the worker's drain (gunicorn.conf.py): a call in flight
+# at SIGTERM ends before the worker cuts it.
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=5)
 # --8<-- [end:config]
 
@@ -53,19 +54,21 @@ def create_pool(dsn: str, **options) -> asyncpg.Pool:
     )
 # --8<-- [end:fleet]
 
-# The errors that mean "the database is not there right now", as opposed to a bug in our code.
-DB_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-                  asyncpg.CannotConnectNowError, asyncpg.InterfaceError)
-# At startup a wrong password or database name is as fatal as a server that is not there.
+# "The database is not there right now", as opposed to a bug in our code.
+DB_UNAVAILABLE = (
+    OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError, asyncpg.InterfaceError,
+)
+# At startup a wrong password or database name is as fatal as no server.
 DB_STARTUP_ERRORS = DB_UNAVAILABLE + (asyncpg.PostgresError, ValueError)
 
-# Gunicorn's "worker failed to boot" code: the master stops instead of respawning workers forever.
+# Gunicorn's "worker failed to boot": the master stops, no endless respawn.
 EXIT_NO_DATABASE = 3
 
 
 # --8<-- [start:json]
 def to_json(value):
-    """What json.dumps cannot encode on its own: the types PostgreSQL hands back."""
+    """The types PostgreSQL hands back that json.dumps cannot encode."""
     if isinstance(value, (datetime.datetime, datetime.date)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
@@ -81,7 +84,7 @@ dumps = functools.partial(json.dumps, default=to_json)
 
 @web.middleware
 async def json_errors(request: web.Request, handler):
-    """Turn every error into JSON, so a client never sees HTML or a traceback."""
+    """Every error as JSON: a client never sees HTML or a traceback."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -94,7 +97,8 @@ async def json_errors(request: web.Request, handler):
         )
     # --8<-- [start:unavailable]
     except DB_UNAVAILABLE as exc:
-        log.warning("database unavailable on %s %s: %r", request.method, request.path, exc)
+        log.warning("database unavailable on %s %s: %r",
+                    request.method, request.path, exc)
         return web.json_response(
             {"error": "Database Unavailable", "status": 503}, status=503
         )
@@ -104,6 +108,28 @@ async def json_errors(request: web.Request, handler):
         return web.json_response(
             {"error": "Internal Server Error", "status": 500}, status=500
         )
+
+
+# --8<-- [start:rejected]
+class QuietRejections(logging.LoggerAdapter):
+    """aiohttp's server log, with one INFO line for a request HTTP rejects.
+
+    aiohttp answers those before any middleware, and would log each as an
+    ERROR with a traceback: any client could fill the log at will.
+    """
+
+    def exception(self, msg, *args, exc_info=True, **kwargs):
+        if isinstance(exc_info, HttpProcessingError):
+            self.info("rejected a malformed request (%s)",
+                      type(exc_info).__name__)
+        else:
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+async def plain_server_header(request, response) -> None:
+    # Not "Python/3.x aiohttp/3.y": a version tells an attacker what to try.
+    response.headers["Server"] = "aiohttp"
+# --8<-- [end:rejected]
 
 
 # --8<-- [start:pool]
@@ -116,15 +142,20 @@ async def pg_pool(app: web.Application):
             max_size=POOL_MAX_SIZE,
             timeout=CONNECT_TIMEOUT,
         )
-        log.info("pool ready (pid %d, min_size=%d, max_size=%d)", os.getpid(), POOL_MIN_SIZE, POOL_MAX_SIZE)
+        log.info("pool ready (pid %d, min_size=%d, max_size=%d)",
+                 os.getpid(), POOL_MIN_SIZE, POOL_MAX_SIZE)
     except DB_UNAVAILABLE as exc:
-        # Stay alive without the database: a pool with min_size=0 opens no connection now and
-        # connects on demand, so /ready and /users turn healthy by themselves once it answers.
-        log.warning("database unavailable at boot (%r): live, not ready, until it answers", exc)
-        pool = await create_pool(dsn=dsn, min_size=0, max_size=POOL_MAX_SIZE, timeout=CONNECT_TIMEOUT)
+        # Stay alive: with min_size=0 the pool connects on demand, so /ready
+        # and /users turn healthy by themselves once the database answers.
+        log.warning("database unavailable at boot (%r): live, not ready, "
+                    "until it answers", exc)
+        pool = await create_pool(dsn=dsn, min_size=0,
+                                 max_size=POOL_MAX_SIZE,
+                                 timeout=CONNECT_TIMEOUT)
     except DB_STARTUP_ERRORS as exc:
-        # A wrong password or database name will not fix itself: stop, saying why in one line.
-        log.critical("cannot use the database: %r; is DATABASE_URL right?", exc)
+        # A wrong password or database name will not fix itself: stop.
+        log.critical("cannot use the database: %r; is DATABASE_URL right?",
+                     exc)
         raise SystemExit(EXIT_NO_DATABASE) from None
     app[db_pool] = pool
     yield
@@ -135,9 +166,10 @@ async def pg_pool(app: web.Application):
 
 # --8<-- [start:http_client]
 async def http_client(app: web.Application):
-    # Created here, inside the running loop: at module scope it raises RuntimeError (erratum 7).
-    # It comes after pg_pool: if the pool fails at startup, no session is left open (erratum 9).
-    session = aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT, raise_for_status=True)
+    # Made in the running loop: at module scope it raises (erratum 7).
+    # After pg_pool: if the pool fails, no session is left open (erratum 9).
+    session = aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT,
+                                    raise_for_status=True)
     app[http_session] = session
     yield
     await session.close()
@@ -145,8 +177,9 @@ async def http_client(app: web.Application):
 
 
 async def announce_shutdown(app: web.Application) -> None:
-    # on_shutdown runs once the listening socket is closed, before in-flight requests are awaited.
-    log.info("shutdown started (pid %d): draining in-flight requests", os.getpid())
+    # on_shutdown: the socket is closed, in-flight requests not yet awaited.
+    log.info("shutdown started (pid %d): draining in-flight requests",
+             os.getpid())
 # --8<-- [end:http_client]
 
 
@@ -156,22 +189,31 @@ async def index(request: web.Request) -> web.Response:
 
 # --8<-- [start:probes]
 async def health(request: web.Request) -> web.Response:
-    """Liveness: the process answers. It never touches the database, so a database outage does not
-    get every replica restarted; that is what /ready is for."""
+    """Liveness: never touches the database, so an outage of the database
+    does not get every replica restarted; that is what /ready is for."""
     return web.json_response({"status": "ok"})
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Readiness: a connection and a SELECT 1 within READY_TIMEOUT in all. A failure or a timeout
-    reaches json_errors as a database error: a JSON 503, so traffic goes elsewhere."""
-    # shield: at the deadline /ready answers at once; the check itself stops in the background, as
-    # handing back a connection that went silent mid-query can take asyncpg another READY_TIMEOUT.
-    await asyncio.wait_for(asyncio.shield(select_1(request.app[db_pool])), READY_TIMEOUT)
+    """Readiness: a connection and a SELECT 1 within READY_TIMEOUT in all;
+    a failure or a timeout is a JSON 503 from json_errors."""
+    # shield: at the deadline /ready answers; the check ends in the
+    # background (a silent connection can take another READY_TIMEOUT).
+    check = asyncio.ensure_future(select_1(request.app[db_pool]))
+    check.add_done_callback(check_ended)
+    await asyncio.wait_for(asyncio.shield(check), READY_TIMEOUT)
     return web.json_response({"status": "ready"})
 
 
+def check_ended(check: asyncio.Future) -> None:
+    # Past the deadline nothing awaits the check: without this, asyncio
+    # logs its error as an ERROR. json_errors already logged the outage.
+    if not check.cancelled() and check.exception() is not None:
+        log.debug("readiness check ended with %r", check.exception())
+
+
 async def select_1(pool: asyncpg.Pool) -> None:
-    # Each step has its own bound too, so the check always ends, even after /ready has answered.
+    # Each step has its own bound, so the check ends after /ready answered.
     async with pool.acquire(timeout=READY_TIMEOUT) as conn:
         await conn.fetchval("SELECT 1", timeout=READY_TIMEOUT)
 # --8<-- [end:probes]
@@ -183,12 +225,13 @@ USER_COLUMNS = "id, public_id, name, email, balance, created_at"
 
 
 async def get_user(request: web.Request) -> web.Response:
-    # The route only matches 1-10 ASCII digits with no leading zero; the range is checked here.
+    # The route takes 1-10 ASCII digits, no leading zero; the range is ours.
     user_id = int(request.match_info["id"])
     if user_id > INT4_MAX:
         raise web.HTTPNotFound(reason="User Not Found")
     async with request.app[db_pool].acquire() as conn:
-        row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+        row = await conn.fetchrow(
+            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
     if row is None:
         raise web.HTTPNotFound(reason="User Not Found")
     return web.json_response(dict(row), dumps=dumps)
@@ -197,13 +240,14 @@ async def get_user(request: web.Request) -> web.Response:
 
 # --8<-- [start:upstream]
 async def upstream(request: web.Request) -> web.Response:
-    """Call the upstream service through the shared session and pass on its JSON."""
+    """Call the upstream service with the shared session; pass on its JSON."""
     try:
         async with request.app[http_session].get(UPSTREAM_URL) as response:
             body = await response.json(content_type=None)
     except asyncio.TimeoutError:
         raise web.HTTPGatewayTimeout(reason="Upstream Timeout") from None
-    except (aiohttp.ClientError, ValueError):  # refused, an error status, or a body that is not JSON
+    # refused, an error status, or a body that is not JSON
+    except (aiohttp.ClientError, ValueError):
         raise web.HTTPBadGateway(reason="Upstream Unavailable") from None
     return web.json_response({"upstream": body})
 # --8<-- [end:upstream]
@@ -211,7 +255,10 @@ async def upstream(request: web.Request) -> web.Response:
 
 # --8<-- [start:factory]
 def create_app() -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    server_log = QuietRejections(logging.getLogger("aiohttp.server"), {})
+    app = web.Application(middlewares=[json_errors],
+                          handler_args={"logger": server_log})
+    app.on_response_prepare.append(plain_server_header)
     app.cleanup_ctx.append(pg_pool)
     app.cleanup_ctx.append(http_client)
     app.on_shutdown.append(announce_shutdown)
@@ -228,6 +275,8 @@ def create_app() -> web.Application:
 
 # --8<-- [start:main]
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    web.run_app(create_app(), host="0.0.0.0", port=int(os.environ.get("PORT", "8080")))
+    logging.basicConfig(level=logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    port = int(os.environ.get("PORT", "8080"))
+    web.run_app(create_app(), host="0.0.0.0", port=port)
 # --8<-- [end:main]
