@@ -15,13 +15,14 @@ import itertools
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tutorial import chapters as manifest
-from tutorial import process
+from tutorial import expect, process
 from tutorial.database import DatabaseError, LocalPostgres, execute, with_database
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -88,7 +89,22 @@ def load_module(path: Path, name: str | None = None):
 
 @pytest.fixture
 def app_module(chapter):
-    return load_module(chapter.folder / "app.py")
+    """The chapter's app.py; create_app() is the one name the tests need (Gunicorn calls it too)."""
+    try:
+        module = load_module(chapter.folder / "app.py")
+    except Exception as exc:
+        pytest.fail(f"expected app.py to import, it raised {type(exc).__name__}: {exc}", pytrace=False)
+    if not callable(getattr(module, "create_app", None)):
+        pytest.fail("expected app.py to define create_app(), the factory that `python app.py` and "
+                    "Gunicorn (app:create_app()) call", pytrace=False)
+    return module
+
+
+@pytest.fixture
+def reference(chapter):
+    """The reference chapter's own app.py, for the numbers its page documents (min_size, the connect
+    timeout): a learner's folder is judged against them, never read for them."""
+    return load_module(manifest.ROOT / "chapters" / chapter.name / "app.py")
 
 
 # -- the database -----------------------------------------------------------------------------------------
@@ -168,10 +184,16 @@ def served(chapter, request):
     url = request.getfixturevalue("db_url") if chapter.schema else None
     running = process.start(chapter, database_url=url, WEB_CONCURRENCY="2")
     try:
-        running.wait_until("/health")
+        expect.serving(running, chapter.run)
         yield running
-        code = running.terminate()
-        assert code == 0, f"exit code {code} after SIGTERM:\n{running.output()}"
+        try:
+            code = running.terminate()
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"expected `{chapter.run}` to exit on SIGTERM, it was still running 20 s later",
+                        pytrace=False)
+        if code != 0:
+            pytest.fail(f"expected `{chapter.run}` to exit 0 on SIGTERM, it exited with code {code}; "
+                        f"its last line: {expect.last_lines(running.output())}", pytrace=False)
     finally:
         running.close()
 
