@@ -92,7 +92,7 @@ def app_module(chapter):
     """The chapter's app.py; create_app() is the one name the tests need (Gunicorn calls it too)."""
     try:
         module = load_module(chapter.folder / "app.py")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever it raised is the reason
         pytest.fail(f"expected app.py to import, it raised {type(exc).__name__}: {exc}", pytrace=False)
     if not callable(getattr(module, "create_app", None)):
         pytest.fail("expected app.py to define create_app(), the factory that `python app.py` and "
@@ -193,7 +193,7 @@ def served(chapter, request):
                         pytrace=False)
         if code != 0:
             pytest.fail(f"expected `{chapter.run}` to exit 0 on SIGTERM, it exited with code {code}; "
-                        f"its last line: {expect.last_lines(running.output())}", pytrace=False)
+                        f"it last printed: {expect.last_lines(running.output())}", pytrace=False)
     finally:
         running.close()
 

@@ -7,7 +7,6 @@ import re
 import socket
 import subprocess
 import threading
-import time
 import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -15,8 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from aiohttp import web
 
-from tutorial.expect import allows_get, as_json, json_answer, last_lines, said
 from tutorial.database import execute
+from tutorial.expect import allows_get, as_json, json_answer, last_lines, said
 from tutorial.process import free_port, get, start
 
 SAMPLE_USER = {
@@ -31,7 +30,7 @@ SAMPLE_USER = {
 
 async def test_sample_user_as_json(client):
     """GET /users/1 answers the sample user, its timestamp, numeric and uuid columns encoded."""
-    await json_answer(await client.get("/users/1"), 200, SAMPLE_USER)
+    await json_answer(await client.get("/users/1"), 200, SAMPLE_USER, named="the sample user")
 
 
 async def test_only_listed_columns_leave_the_database(aiohttp_client, app_module, pg, db_name, monkeypatch,
@@ -118,7 +117,7 @@ async def test_both_dsn_schemes_work(aiohttp_client, app_module, db_url, monkeyp
     monkeypatch.setenv("DATABASE_URL", scheme + "://" + db_url.split("://", 1)[1])
     try:
         await aiohttp_client(app_module.create_app())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever it raised is the reason
         raise AssertionError(f"expected the app to start with a {scheme}:// DATABASE_URL, it raised "
                              f"{type(exc).__name__}: {exc}") from None
     assert connections_to(pg, db_name) > 0, (
@@ -135,7 +134,7 @@ def test_runs_as_documented_and_serves_the_sample_user(served):
     except ValueError:
         user = None
     assert (status, user) == (200, SAMPLE_USER), (
-        f"expected GET /users/1 to answer 200 {as_json(SAMPLE_USER)}, got {said(status, None, body)}")
+        f"expected GET /users/1 to answer 200 with the sample user, got {said(status, None, body)}")
     status, body = get(served.url + "/users/abc")
     assert status == 404, f"expected GET /users/abc to answer 404, got {said(status, None, body)}"
 
@@ -170,7 +169,7 @@ def exit_code_within(running, seconds: float, why: str = "") -> int:
         return running.proc.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"expected boot to give up within {seconds:g} s{why}, it was still waiting; "
-                             f"its last line: {last_lines(running.output())}") from None
+                             f"it last printed: {last_lines(running.output())}") from None
 
 
 def says_the_database_is_away(code: int, output: str) -> None:

@@ -201,7 +201,7 @@ def main(argv: list[str]) -> int:
          # The report itself says everything: no pytest summary, and leaks are one behaviour (above).
          "-p", "no:terminal", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
          *modules],
-        cwd=chapters.ROOT, env=env, stderr=subprocess.PIPE, text=True,
+        cwd=chapters.ROOT, env=env, stderr=subprocess.PIPE, text=True, check=False,
     )
     if result.returncode >= pytest.ExitCode.INTERNAL_ERROR:  # pytest itself could not run the tests
         print(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "pytest could not start")

@@ -26,11 +26,12 @@ def as_json(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-async def json_answer(response, status: int, body=None) -> dict:
-    """The answer's JSON, if it has `status` and a JSON body (equal to `body` when given)."""
+async def json_answer(response, status: int, body=None, named: str | None = None) -> dict:
+    """The answer's JSON, if it has `status` and a JSON body (equal to `body` when given; `named`
+    says what that body is, where it is too long to quote)."""
     raw = await response.read()
     got = said(response.status, response.content_type, raw)
-    wanted = f"a JSON {status}" + (f" {as_json(body)}" if body is not None else "")
+    wanted = f"a JSON {status}" + (f" with {named}" if named else f" {as_json(body)}" if body is not None else "")
     if response.status != status or response.content_type != "application/json":
         raise AssertionError(f"expected {wanted}, got {got}")
     try:
@@ -38,7 +39,7 @@ async def json_answer(response, status: int, body=None) -> dict:
     except ValueError:
         raise AssertionError(f"expected {wanted}, got a body that is not JSON: {got}") from None
     if body is not None and value != body:
-        raise AssertionError(f"expected {wanted}, got {as_json(value)}")
+        raise AssertionError(f"expected {wanted}, got {said(response.status, None, as_json(value))}")
     return value
 
 
@@ -52,7 +53,7 @@ def allows_get(response) -> None:
 def last_lines(output: str, count: int = 1) -> str:
     """The last lines a process printed, joined, for a reason that says what it said."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    return " / ".join(lines[-count:]) or "(nothing)"
+    return " / ".join(lines[-count:]) or "nothing"
 
 
 def serving(running: Running, command: str, timeout: float = 30.0) -> None:
@@ -63,7 +64,7 @@ def serving(running: Running, command: str, timeout: float = 30.0) -> None:
         code = running.proc.poll()
         if code is not None:
             raise AssertionError(f"expected `{command}` to keep serving, it exited with code {code}; "
-                                 f"its last line: {last_lines(running.output())}")
+                                 f"it last printed: {last_lines(running.output())}")
         try:
             running.wait_until("/health", timeout=1.0)
             return
@@ -81,4 +82,4 @@ def serving(running: Running, command: str, timeout: float = 30.0) -> None:
             except OSError:
                 continue
     raise AssertionError(f"expected `{command}` to answer GET /health within {timeout:.0f} s, it did not; "
-                         f"its last line: {last_lines(running.output())}")
+                         f"it last printed: {last_lines(running.output())}")
