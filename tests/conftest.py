@@ -192,8 +192,8 @@ def served(chapter, request):
             pytest.fail(f"expected `{chapter.run}` to exit on SIGTERM, it was still running 20 s later",
                         pytrace=False)
         if code != 0:
-            pytest.fail(f"expected `{chapter.run}` to exit 0 on SIGTERM, it exited with code {code}; "
-                        f"it last printed: {expect.last_lines(running.output())}", pytrace=False)
+            pytest.fail(f"expected `{chapter.run}` to exit 0 on SIGTERM, it exited with code {code}: "
+                        f"{expect.why(running.output())}", pytrace=False)
     finally:
         running.close()
 

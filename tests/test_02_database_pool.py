@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from tutorial.database import execute
-from tutorial.expect import allows_get, as_json, json_answer, last_lines, said
+from tutorial.expect import allows_get, as_json, json_answer, last_lines, said, why
 from tutorial.process import free_port, get, start
 
 SAMPLE_USER = {
@@ -175,8 +175,7 @@ def exit_code_within(running, seconds: float, why: str = "") -> int:
 def says_the_database_is_away(code: int, output: str) -> None:
     """A non-zero exit and one line that names the database, with no traceback (erratum 11)."""
     assert code != 0, f"expected a non-zero exit without its database, it exited 0: {last_lines(output)}"
-    assert "Traceback" not in output, (f"expected one clear line and no traceback, got a traceback ending "
-                                       f"`{last_lines(output)}`")
+    assert "Traceback" not in output, f"expected one clear line and no traceback, got a traceback for `{why(output)}`"
     assert re.search(r"database", output, re.IGNORECASE), (
         f"expected a line saying the database cannot be reached, it said: {last_lines(output, 3)}")
 

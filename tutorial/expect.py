@@ -7,6 +7,7 @@ expression. Each one looks only at what the app does from outside: its answers, 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from .process import Running, get, listening_ports
@@ -56,6 +57,16 @@ def last_lines(output: str, count: int = 1) -> str:
     return " / ".join(lines[-count:]) or "nothing"
 
 
+def why(output: str) -> str:
+    """The line that says why a process stopped: the first exception it printed (a chained
+    traceback prints its cause first), else its last line."""
+    for line in output.splitlines():
+        found = re.match(r"\s*([\w.]*(?:Error|Exception|Exit|Warning)): (.+)", line)
+        if found and not found.group(1).endswith("HaltServer"):
+            return re.sub(r" at 0x[0-9a-f]+", "", f"{found.group(1).rpartition('.')[2]}: {found.group(2)}")[:200]
+    return last_lines(output)
+
+
 def serving(running: Running, command: str, timeout: float = 30.0) -> None:
     """Wait until `command` answers GET /health, on the port PORT names or, if it listens somewhere
     else, on that port (so that PORT is judged by its own behaviour, not by every run test)."""
@@ -63,8 +74,8 @@ def serving(running: Running, command: str, timeout: float = 30.0) -> None:
     while time.monotonic() < deadline:
         code = running.proc.poll()
         if code is not None:
-            raise AssertionError(f"expected `{command}` to keep serving, it exited with code {code}; "
-                                 f"it last printed: {last_lines(running.output())}")
+            raise AssertionError(f"expected `{command}` to keep serving, it exited with code {code}: "
+                                 f"{why(running.output())}")
         try:
             running.wait_until("/health", timeout=1.0)
             return
