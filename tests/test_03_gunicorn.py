@@ -13,15 +13,15 @@ from tutorial.expect import last_lines, serving
 from tutorial.process import get, listening_ports, start
 
 
-def wait_for_lines(running, needle: str, count: int, timeout: float = 20.0) -> list[str]:
+def wait_for_lines(running, needle: str, count: int, timeout: float = 20.0, why: str = "") -> list[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         lines = [line for line in running.output().splitlines() if needle in line]
         if len(lines) >= count:
             return lines
         time.sleep(0.05)
-    raise AssertionError(f"expected {count} log line(s) with {needle!r} within {timeout:g} s, found {len(lines)}; "
-                         f"it last printed: {last_lines(running.output())}")
+    raise AssertionError(f"expected {count} log line(s) with {needle!r}{why} within {timeout:g} s, found "
+                         f"{len(lines)}; it last printed: {last_lines(running.output())}")
 
 
 def app_connections(pg, database: str) -> int:
@@ -58,7 +58,7 @@ def test_each_worker_is_a_process_with_its_own_pool(chapter, pg, db_name):
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="3") as running:
         serving(running, chapter.run)
         # The chapter's log line names each pool: "pool ready (pid N, min_size=2, max_size=10)".
-        lines = wait_for_lines(running, "pool ready", 3)
+        lines = wait_for_lines(running, "pool ready", 3, why=" (the chapter's line as each worker's pool opens)")
         workers = psutil.Process(running.pid).children()
         assert len(workers) == 3, f"expected 3 worker processes under the master, found {len(workers)}"
         pids = {int(found.group(1)) for line in lines if (found := re.search(r"pid (\d+)", line))}
@@ -76,7 +76,7 @@ def test_boot_logs_the_connection_budget(chapter, pg, db_name):
     """The master states the budget once: workers x min_size at boot, workers x max_size at most."""
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="4") as running:
         serving(running, chapter.run)
-        lines = wait_for_lines(running, "connection budget", 1)
+        lines = wait_for_lines(running, "connection budget", 1, why=" (the chapter's line from the master at boot)")
         assert len(lines) == 1, f"expected the budget once, from the master; it was logged {len(lines)} times"
         assert "4 workers" in lines[0] and "= 8 at boot" in lines[0] and "up to 40" in lines[0], (
             f"expected '4 workers', '= 8 at boot' and 'up to 40' with WEB_CONCURRENCY=4, got `{lines[0].strip()}`")

@@ -220,6 +220,7 @@ def test_a_session_left_open_is_one_behaviour_line():
     report = check("01", LEARNERS / "leaky-01")
     assert_in_words(report)
     assert report.verdicts("FAIL") == {LEAKS}
+    assert report.code != 0
     [reason] = report.reasons(LEAKS)
     assert re.match(r"expected nothing left open, got \d+ aiohttp ClientSessions?\b.* left for the garbage "
                     r"collector, after \"", reason), reason

@@ -44,6 +44,7 @@ class BehaviourReport:
         self.current: str | None = None
         self.leaked: dict[str, list[str]] = {}  # test function -> what the garbage collector found open
         self.previous_hook = None
+        self.leak_failed = False
 
     # -- what each test judges ----------------------------------------------------------------------
     def pytest_collection_modifyitems(self, items):
@@ -99,6 +100,8 @@ class BehaviourReport:
         total = len(self.results) + 1
         print(f"\n{ok} of {total} behaviours pass.")
         print(self._next_steps(ok == total))
+        if self.leak_failed and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED  # a leak fails the check, as a test would
 
     def _print(self, text: str, entry: dict) -> bool:
         if entry["failed"]:
@@ -126,6 +129,7 @@ class BehaviourReport:
         counts = Counter(thing for things in found.values() for thing in things)
         where = [self.docs.get(name, "the end of the run") for name in found]
         more = f" (and {len(where) - 1} more)" if len(where) > 1 else ""
+        self.leak_failed = True
         print(f"  FAIL  {LEAK_BEHAVIOUR}")
         print(f"          expected nothing left open, got {_listed(counts)} left for the garbage collector, "
               f"after \"{where[0]}\"{more}")
