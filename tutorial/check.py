@@ -93,17 +93,14 @@ class BehaviourReport:
         with warnings.catch_warnings():
             warnings.simplefilter("error", ResourceWarning)
             gc.collect()
-        ok = 0
-        for name, entry in self.results.items():
-            ok += self._print(self.docs.get(name, name), entry)
-        ok += self._print_leaks()
-        total = len(self.results) + 1
-        print(f"\n{ok} of {total} behaviours pass.")
-        print(self._next_steps(ok == total))
+        verdicts = [self._print(self.docs.get(name, name), entry) for name, entry in self.results.items()]
+        verdicts.append(self._print_leaks())
+        print(f"\n{verdicts.count('ok')} of {len(verdicts)} behaviours pass.")
+        print(self._next_steps("FAIL" in verdicts, "SKIP" in verdicts))
         if self.leak_failed and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED  # a leak fails the check, as a test would
 
-    def _print(self, text: str, entry: dict) -> bool:
+    def _print(self, text: str, entry: dict) -> str:
         if entry["failed"]:
             print(f"  FAIL  {text}")
             for nodeid, reason in entry["failed"][:3]:
@@ -112,20 +109,20 @@ class BehaviourReport:
                 print(f"          {('[' + case + '] ') if case else ''}{reason}")
             if len(entry["failed"]) > 3:
                 print(f"          ... and {len(entry['failed']) - 3} more cases")
-            return False
+            return "FAIL"
         if entry["skipped"] and not entry["passed"]:
             print(f"  SKIP  {text}\n          {entry['skipped'][0][1]}")
-            return False
+            return "SKIP"
         print(f"  ok    {text}")
-        return True
+        return "ok"
 
-    def _print_leaks(self) -> bool:
+    def _print_leaks(self) -> str:
         # A test that failed explains itself; what it left open is most likely a result of that failure.
         failed = {name for name, entry in self.results.items() if entry["failed"]}
         found = {name: what for name, what in self.leaked.items() if name not in failed}
         if not found:
             print(f"  ok    {LEAK_BEHAVIOUR}")
-            return True
+            return "ok"
         counts = Counter(thing for things in found.values() for thing in things)
         where = [self.docs.get(name, "the end of the run") for name in found]
         more = f" (and {len(where) - 1} more)" if len(where) > 1 else ""
@@ -133,18 +130,21 @@ class BehaviourReport:
         print(f"  FAIL  {LEAK_BEHAVIOUR}")
         print(f"          expected nothing left open, got {_listed(counts)} left for the garbage collector, "
               f"after \"{where[0]}\"{more}")
-        return False
+        return "FAIL"
 
-    def _next_steps(self, passed: bool) -> str:
+    def _next_steps(self, failed: bool, skipped: bool) -> str:
         number = self.chapter.number
-        if passed:
+        again = f"make check CHAPTER={number} DIR={self.folder}"
+        if skipped and not failed:
+            return f"Next: install what each SKIP names, then run {again} again to check those behaviours too."
+        if not failed:
             later = [c for c in chapters.load() if c.index > self.chapter.index]
             if later:
                 return (f"Next: chapter {later[0].number}, {later[0].title}: "
                         f"make check CHAPTER={later[0].number} DIR={self.folder}")
             return "Every behaviour of every chapter passes."
         return (f"Next: start with the first FAIL; docs/chapters/{self.chapter.name}.md explains each "
-                f"behaviour. Then run make check CHAPTER={number} DIR={self.folder} again.")
+                f"behaviour. Then run {again} again.")
 
 
 def key(nodeid: str) -> str:
