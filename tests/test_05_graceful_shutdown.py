@@ -258,8 +258,8 @@ async def test_upstream_failures_are_json_gateway_errors(app_with_upstream, upst
 @pytest.mark.chapters(until="05")  # chapter 06 boots without its database: nothing fails at startup
 async def test_the_session_has_its_own_cleanup_context_after_the_pool(app_module, monkeypatch):
     """The pool's context comes first: when the database is away at startup, no session is ever opened
-    (erratum 9). (That the session closes before the pool is in every shutdown's log: see
-    assert_every_teardown_ran.)"""
+    (erratum 9)."""
+    # That the session closes before the pool shows in every shutdown's log: assert_every_teardown_ran.
     import gc
 
     def sessions() -> set[int]:

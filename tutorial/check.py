@@ -48,7 +48,7 @@ class BehaviourReport:
 
     # -- what each test judges ----------------------------------------------------------------------
     def pytest_collection_modifyitems(self, items):
-        self.docs = {key(item.nodeid): _first_line(item.function.__doc__) or item.name for item in items}
+        self.docs = {key(item.nodeid): _first_paragraph(item.function.__doc__) or item.name for item in items}
         for item in items:
             for warning, judge in JUDGED_APART.items():
                 if key(item.nodeid) != judge:
@@ -152,8 +152,9 @@ def key(nodeid: str) -> str:
     return nodeid.split("[")[0]
 
 
-def _first_line(doc: str | None) -> str:
-    return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+def _first_paragraph(doc: str | None) -> str:
+    """A docstring's first paragraph on one line: the behaviour, in the test's own words."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 def _what_leaked(message: str) -> str:
