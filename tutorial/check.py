@@ -30,7 +30,6 @@ JUDGED_APART = {
     "aiohttp.web_exceptions.NotAppKeyWarning":
         "tests/test_02_database_pool.py::test_the_pool_sits_behind_a_typed_app_key",
 }
-LEAKS = "leaks"
 LEAK_BEHAVIOUR = "Nothing the app opens is left open once it stops: no connection, session or socket."
 
 
