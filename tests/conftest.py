@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 from helpers import IN_CI, fresh_database, load_module, missing, start_fleet
 
 from tutorial import chapters as manifest
-from tutorial import process
+from tutorial import expect, process
 from tutorial.database import DatabaseError, LocalPostgres, with_database
 
 
@@ -66,7 +67,22 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def app_module(chapter):
-    return load_module(chapter.folder / "app.py")
+    """The chapter's app.py; create_app() is the one name the tests need (Gunicorn calls it too)."""
+    try:
+        module = load_module(chapter.folder / "app.py")
+    except Exception as exc:  # noqa: BLE001 - whatever it raised is the reason
+        pytest.fail(f"expected app.py to import, it raised {type(exc).__name__}: {exc}", pytrace=False)
+    if not callable(getattr(module, "create_app", None)):
+        pytest.fail("expected app.py to define create_app(), the factory that `python app.py` and "
+                    "Gunicorn (app:create_app()) call", pytrace=False)
+    return module
+
+
+@pytest.fixture
+def reference(chapter):
+    """The reference chapter's own app.py, for the numbers its page documents (min_size, the connect
+    timeout): a learner's folder is judged against them, never read for them."""
+    return load_module(manifest.ROOT / "chapters" / chapter.name / "app.py")
 
 
 # -- the database -----------------------------------------------------------------------------------------
@@ -126,10 +142,16 @@ def served(chapter, request):
     url = request.getfixturevalue("db_url") if chapter.schema else None
     running = process.start(chapter, database_url=url, WEB_CONCURRENCY="2")
     try:
-        running.wait_until("/health")
+        expect.serving(running, chapter.run)
         yield running
-        code = running.terminate()
-        assert code == 0, f"exit code {code} after SIGTERM:\n{running.output()}"
+        try:
+            code = running.terminate()
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"expected `{chapter.run}` to exit on SIGTERM, it was still running 20 s later",
+                        pytrace=False)
+        if code != 0:
+            pytest.fail(f"expected `{chapter.run}` to exit 0 on SIGTERM, it exited with code {code}: "
+                        f"{expect.why(running.output())}", pytrace=False)
     finally:
         running.close()
 

@@ -21,6 +21,7 @@ import pytest
 
 from tutorial import process, waiting
 from tutorial.database import DatabaseError, execute
+from tutorial.expect import last_lines
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -157,14 +158,29 @@ class silent_server:
 
 
 # -- a running chapter ----------------------------------------------------------------------------------
-def wait_for_lines(running, needle: str, count: int, timeout: float = 20.0) -> list[str]:
-    """The chapter's log lines containing `needle`, once there are at least `count` of them."""
+def wait_for_lines(running, needle: str, count: int, timeout: float = 20.0, why: str = "") -> list[str]:
+    """The chapter's log lines containing `needle`, once there are at least `count` of them; else an
+    AssertionError in words, which `make check` prints as the reason."""
     def lines() -> list[str]:
         return [line for line in running.output().splitlines() if needle in line]
 
-    return waiting.until(lines, timeout=timeout, done=lambda found: len(found) >= count,
-                         waiting_for=f"{count} lines with {needle!r}",
-                         seen=lambda found: f"{len(found)} such lines in:\n{running.output()}")
+    try:
+        return waiting.until(lines, timeout=timeout, done=lambda found: len(found) >= count,
+                             waiting_for=f"{count} lines with {needle!r}")
+    except TimeoutError:
+        raise AssertionError(
+            f"expected {count} log line(s) with {needle!r}{why} within {timeout:g} s, found "
+            f"{len(lines())}; it last printed: {last_lines(running.output())}") from None
+
+
+def wait_for_connections(pg, database: str, count: int, timeout: float = 20.0) -> int:
+    """Until pg_stat_activity shows `count` connections to `database`; the last count seen."""
+    try:
+        return waiting.until(lambda: connections_to(pg, database), timeout=timeout, every=0.1,
+                             done=lambda seen: seen == count,
+                             waiting_for=f"{count} connections to {database}")
+    except TimeoutError:
+        return connections_to(pg, database)
 
 
 def send_request(port: int, path: str) -> socket.socket:

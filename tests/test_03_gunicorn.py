@@ -6,42 +6,54 @@ import re
 
 import psutil
 import pytest
-from helpers import connections_to, wait_for_lines
+from helpers import connections_to, wait_for_connections, wait_for_lines
 
-from tutorial.process import get, start
+from tutorial.expect import last_lines, serving
+from tutorial.process import get, listening_ports, start
 
 
 @pytest.mark.parametrize("workers", [2, 3])
-def test_connections_at_boot_are_workers_times_min_size(chapter, app_module, pg, db_name, workers):
+def test_connections_at_boot_are_workers_times_min_size(chapter, reference, pg, db_name, workers):
     """With WEB_CONCURRENCY=N, pg_stat_activity shows exactly N x min_size connections once booted."""
+    wanted = workers * reference.POOL_MIN_SIZE
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY=str(workers)) as running:
-        running.wait_until("/health")
-        wait_for_lines(running, "pool ready", workers)
-        assert connections_to(pg, db_name) == workers * app_module.POOL_MIN_SIZE
-        assert running.terminate() == 0
-    assert connections_to(pg, db_name) == 0
+        serving(running, chapter.run)
+        seen = wait_for_connections(pg, db_name, wanted)
+        assert seen == wanted, (f"expected {workers} workers x min_size={reference.POOL_MIN_SIZE} = {wanted} "
+                                f"connections once booted, pg_stat_activity shows {seen}")
+        code = running.terminate()
+        assert code == 0, f"expected exit 0 on SIGTERM, got {code}; it last printed: {last_lines(running.output())}"
+    left = connections_to(pg, db_name)
+    assert left == 0, f"expected every pool closed at shutdown, {left} connections were left open"
 
 
 def test_each_worker_is_a_process_with_its_own_pool(chapter, pg, db_name):
     """WEB_CONCURRENCY=3 runs three worker processes under one master, each logging its pool's sizes once."""
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="3") as running:
-        running.wait_until("/health")
-        lines = wait_for_lines(running, "pool ready", 3)
+        serving(running, chapter.run)
+        # The chapter's log line names each pool: "pool ready (pid N, min_size=2, max_size=10)".
+        lines = wait_for_lines(running, "pool ready", 3, why=" (the chapter's line as each worker's pool opens)")
         workers = psutil.Process(running.pid).children()
-        assert len(workers) == 3
-        pids = {int(re.search(r"pid (\d+)", line).group(1)) for line in lines}
-        assert pids == {w.pid for w in workers}
-        assert all("min_size=2" in line and "max_size=10" in line for line in lines)
-        assert running.terminate() == 0
-        assert len(wait_for_lines(running, "pool closed", 3)) == 3
+        assert len(workers) == 3, f"expected 3 worker processes under the master, found {len(workers)}"
+        pids = {int(found.group(1)) for line in lines if (found := re.search(r"pid (\d+)", line))}
+        assert pids == {w.pid for w in workers}, (
+            f"expected each 'pool ready' line to name its worker's pid {sorted(w.pid for w in workers)}, "
+            f"got {last_lines(chr(10).join(lines), 3)}")
+        sizes = [line for line in lines if "min_size=2" in line and "max_size=10" in line]
+        assert len(sizes) == 3, f"expected each 'pool ready' line to say min_size=2 and max_size=10, got {lines[0]}"
+        code = running.terminate()
+        assert code == 0, f"expected exit 0 on SIGTERM, got {code}; it last printed: {last_lines(running.output())}"
+        wait_for_lines(running, "pool closed", 3)
 
 
 def test_boot_logs_the_connection_budget(chapter, pg, db_name):
     """The master states the budget once: workers x min_size at boot, workers x max_size at most."""
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="4") as running:
-        running.wait_until("/health")
-        [line] = wait_for_lines(running, "connection budget", 1)
-        assert "4 workers" in line and "= 8 at boot" in line and "up to 40" in line
+        serving(running, chapter.run)
+        lines = wait_for_lines(running, "connection budget", 1, why=" (the chapter's line from the master at boot)")
+        assert len(lines) == 1, f"expected the budget once, from the master; it was logged {len(lines)} times"
+        assert "4 workers" in lines[0] and "= 8 at boot" in lines[0] and "up to 40" in lines[0], (
+            f"expected '4 workers', '= 8 at boot' and 'up to 40' with WEB_CONCURRENCY=4, got `{lines[0].strip()}`")
         running.terminate()
 
 
@@ -56,10 +68,9 @@ def test_access_log_has_a_line_per_request(served):
 
 def test_port_comes_from_the_environment(served):
     """PORT picks the port Gunicorn listens on (the served fixture sets a free one)."""
-    assert get(served.url + "/health")[0] == 200
-    processes = [psutil.Process(served.pid), *psutil.Process(served.pid).children()]
-    ports = {c.laddr.port for p in processes for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
-    assert ports == {served.port}
+    ports = listening_ports(served.pid)
+    assert ports == {served.port}, (f"expected Gunicorn to listen on PORT={served.port} from its environment, "
+                                    f"it listens on {', '.join(map(str, sorted(ports))) or 'nothing'} instead")
 
 
 ERROR_LOOKING = re.compile(r"Error|ERROR|Errno|Traceback")
@@ -85,3 +96,4 @@ def test_the_boot_log_says_where_it_listens(served):
     assert urls, served.output()
     for url in urls:
         assert get(url + "/health")[0] == 200, url
+

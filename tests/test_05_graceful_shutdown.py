@@ -192,8 +192,25 @@ async def test_upstream_failures_are_json_gateway_errors(app_with_upstream, upst
     assert await response.json() == {"error": reason, "status": status}
 
 
-def test_the_session_has_its_own_cleanup_context_after_the_pool(app_module):
+@pytest.mark.chapters(until="05")  # chapter 06 boots without its database: nothing fails at startup
+async def test_the_session_has_its_own_cleanup_context_after_the_pool(app_module, monkeypatch):
     """The pool's context comes first: when the database is away at startup, no session is ever opened
-    (erratum 9); the session is closed before the pool at shutdown."""
-    contexts = list(app_module.create_app().cleanup_ctx)
-    assert contexts.index(app_module.pg_pool) < contexts.index(app_module.http_client)
+    (erratum 9)."""
+    # That the session closes before the pool shows in every shutdown's log: assert_every_teardown_ran.
+    import gc
+
+    def sessions() -> set[int]:
+        return {id(o) for o in gc.get_objects() if isinstance(o, aiohttp.ClientSession) and not o.closed}
+
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+    before = sessions()
+    runner = web.AppRunner(app_module.create_app())
+    try:
+        await runner.setup()
+    except (SystemExit, Exception):  # noqa: BLE001 - the startup must fail; how is test_02's concern
+        opened = sessions() - before
+    else:
+        await runner.cleanup()
+        raise AssertionError("expected the startup to fail with the database away, it succeeded")
+    assert not opened, ("expected no HTTP session opened when the database is away at startup (the pool's "
+                        f"cleanup context first), {len(opened)} was left open")

@@ -18,12 +18,13 @@ from urllib.parse import quote
 
 import psutil
 import pytest
-from helpers import fresh_database, silent_server, wait_for_lines
+from helpers import UsersLock, fresh_database, silent_server, wait_for_lines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tutorial import waiting
 from tutorial.database import LocalPostgres
+from tutorial.expect import json_answer
 from tutorial.process import get, start
 
 UNAVAILABLE = {"error": "Database Unavailable", "status": 503}
@@ -49,27 +50,32 @@ async def test_ready_answers_200_when_the_database_answers(client):
     assert await response.json() == {"status": "ready"}
 
 
-async def test_health_never_touches_the_database(client, app_module):
+async def test_health_never_touches_the_database(client, reference, db_url):
     """With every pool connection taken, /health still answers 200 at once, while /ready waits at most
     READY_TIMEOUT for a connection and answers a JSON 503."""
-    pool = client.server.app[app_module.db_pool]
-    held = [await pool.acquire() for _ in range(app_module.POOL_MAX_SIZE)]
-    try:
+    size, limit = reference.POOL_MAX_SIZE, reference.READY_TIMEOUT
+    # Taken from outside: max_size lookups, each holding its connection, wait on a lock the test holds.
+    async with UsersLock(db_url) as lock:
+        lookups = [asyncio.ensure_future(client.get("/users/1")) for _ in range(size)]
+        await lock.wait_for_waiters(size)
         began = time.monotonic()
-        # bounded here, so a /health that queues for a connection fails now, not at pytest's timeout
-        response = await asyncio.wait_for(client.get("/health"), 1.0)
-        assert response.status == 200 and await response.json() == {"status": "ok"}
-        assert time.monotonic() - began < app_module.READY_TIMEOUT  # it never queued for a connection
+        try:  # bounded, so a /health that queues for a connection fails now, not at pytest's timeout
+            response = await asyncio.wait_for(client.get("/health"), 1.0)
+        except asyncio.TimeoutError:
+            raise AssertionError("expected /health at once with every connection taken, "
+                                 "it was still waiting after 1 s") from None
+        await json_answer(response, 200, {"status": "ok"})
+        took = time.monotonic() - began
+        assert took < limit, f"expected /health at once with every connection taken, it took {took:.1f} s"
 
         began = time.monotonic()
-        response = await client.get("/ready")
+        await json_answer(await client.get("/ready"), 503, UNAVAILABLE)
         took = time.monotonic() - began
-        assert response.status == 503 and await response.json() == UNAVAILABLE
-        assert app_module.READY_TIMEOUT * 0.9 < took < app_module.READY_TIMEOUT + READY_MARGIN, f"{took:.1f}s"
-    finally:
-        for conn in held:
-            await pool.release(conn)
-    assert (await client.get("/ready")).status == 200
+        assert limit * 0.9 < took < limit + READY_MARGIN, (
+            f"expected /ready to wait READY_TIMEOUT={limit:g} s for a connection, it took {took:.1f} s")
+    for response in await asyncio.gather(*lookups):
+        response.release()
+    await json_answer(await client.get("/ready"), 200, {"status": "ready"})
 
 
 class SilencingProxy:
@@ -152,7 +158,8 @@ def proxy(pg):
     forwarder.close()
 
 
-async def test_database_gone_silent_does_not_stall_ready(aiohttp_client, app_module, proxy, db_name, monkeypatch):
+async def test_database_gone_silent_does_not_stall_ready(aiohttp_client, app_module, reference, proxy, db_name,
+                                                         monkeypatch):
     """The database's connections go silent mid-use (no error, no answer): /ready still answers a JSON
     503 within READY_TIMEOUT and /health 200; once the network is back, /ready is 200 by itself."""
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{proxy.port}/{db_name}")
@@ -165,7 +172,7 @@ async def test_database_gone_silent_does_not_stall_ready(aiohttp_client, app_mod
         response = await client.get("/ready")
         took = time.monotonic() - began
         assert response.status == 503 and await response.json() == UNAVAILABLE
-        assert took < app_module.READY_TIMEOUT + READY_MARGIN, f"/ready took {took:.1f}s"
+        assert took < reference.READY_TIMEOUT + READY_MARGIN, f"/ready took {took:.1f}s"
     assert (await client.get("/health")).status == 200
 
     proxy.restore()
@@ -197,7 +204,7 @@ def own_db(own_server, chapter):
     own_server.start()
 
 
-def test_database_stopped_while_running(chapter, app_module, own_server, own_db):
+def test_database_stopped_while_running(chapter, reference, own_server, own_db):
     """The database stops under a running service: /health stays 200, /ready turns a JSON 503 within
     READY_TIMEOUT, /users/1 answers a JSON 503, nothing hangs; the database comes back: /ready and
     /users/1 answer 200 again, from the same worker processes."""
@@ -210,9 +217,9 @@ def test_database_stopped_while_running(chapter, app_module, own_server, own_db)
         for _ in range(4):  # enough to reach both workers
             assert get(running.url + "/health")[0] == 200
             status, body, took = timed_get(running.url + "/ready")
-            assert (status, body) == (503, UNAVAILABLE) and took < app_module.READY_TIMEOUT + READY_MARGIN
+            assert (status, body) == (503, UNAVAILABLE) and took < reference.READY_TIMEOUT + READY_MARGIN
             status, body, took = timed_get(running.url + "/users/1")
-            assert (status, body) == (503, UNAVAILABLE) and took < app_module.CONNECT_TIMEOUT + MARGIN
+            assert (status, body) == (503, UNAVAILABLE) and took < reference.CONNECT_TIMEOUT + MARGIN
 
         own_server.start()
         running.wait_until("/ready", 200)
@@ -245,21 +252,21 @@ def test_no_database_at_boot_stays_live_and_turns_ready_by_itself(chapter, own_s
         assert running.terminate() == 0
 
 
-def test_database_that_never_answers_at_boot_does_not_stall_ready(chapter, app_module):
+def test_database_that_never_answers_at_boot_does_not_stall_ready(chapter, reference):
     """A database that accepts connections and never answers: boot waits CONNECT_TIMEOUT at most, the
     service stays live, and /ready answers a JSON 503 within READY_TIMEOUT every time."""
     with silent_server() as port, start(chapter, database_url=f"postgresql://postgres@127.0.0.1:{port}/postgres",
                                         WEB_CONCURRENCY="1") as running:
-        running.wait_until("/health", timeout=app_module.CONNECT_TIMEOUT + 30)
+        running.wait_until("/health", timeout=reference.CONNECT_TIMEOUT + 30)
         for _ in range(2):
             status, body, took = timed_get(running.url + "/ready")
             assert (status, body) == (503, UNAVAILABLE)
-            assert took < app_module.READY_TIMEOUT + READY_MARGIN, f"/ready took {took:.1f}s"
+            assert took < reference.READY_TIMEOUT + READY_MARGIN, f"/ready took {took:.1f}s"
         assert running.terminate() == 0
 
 
 # -- what the benchmark changed (docs/performance.md) ---------------------------------------------------------
-def test_workers_run_on_uvloop(chapter, app_module, pg, db_name):
+def test_workers_run_on_uvloop(chapter, pg, db_name):
     """The workers are aiohttp's uvloop worker, and the app answers on uvloop's event loop as before."""
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="1") as running:
         running.wait_until("/ready")

@@ -6,6 +6,7 @@ The static tests read chapter 07's own files through tutorial/budget.py; each in
 checked on a broken copy, so a check that could never fail would show here.
 """
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,7 +22,7 @@ import psutil
 import pytest
 from helpers import load_module
 
-from tutorial import budget, chapters, process, rollout
+from tutorial import budget, chapters, process, rollout, waiting
 from tutorial import fleet as fleet_module
 from tutorial.database import execute
 
@@ -240,9 +241,9 @@ def state_of(tmp_path) -> dict:
 
 
 def wait_for_output(log, proc, needle: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while needle not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    with contextlib.suppress(TimeoutError):  # the assert below says what was printed instead
+        waiting.until(lambda: needle in log.read_text() or proc.poll() is not None, timeout=timeout,
+                      every=0.1, waiting_for=repr(needle))
     assert needle in log.read_text(), log.read_text()
 
 

@@ -187,3 +187,19 @@ def start(chapter: Chapter, *, folder: Path | None = None, port: int | None = No
           database_url: str | None = None, **env: str) -> Running:
     port = port or free_port()
     return Running(chapter.argv, folder or chapter.folder, chapter_env(port, database_url, **env), port)
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports a process and its children listen on (a chapter may ignore PORT)."""
+    try:
+        top = psutil.Process(pid)
+        processes = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return set()
+    ports = set()
+    for proc in processes:
+        try:
+            ports |= {c.laddr.port for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue
+    return ports
