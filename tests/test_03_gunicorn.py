@@ -78,22 +78,28 @@ ERROR_LOOKING = re.compile(r"Error|ERROR|Errno|Traceback")
 
 def test_a_normal_start_and_stop_logs_nothing_that_looks_like_an_error(chapter, pg, db_name):
     """Boot, a few ordinary requests, SIGTERM: from the first line to the exit, no line says Error,
-    ERROR, Errno or Traceback (chapter 06's uvloop worker once logged an Errno 9 per worker here)."""
+    ERROR or Errno and no traceback is printed (chapter 06's uvloop worker once logged an Errno 9)."""
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="2") as running:
-        running.wait_until("/health")
-        wait_for_lines(running, "pool ready", 2)
+        serving(running, chapter.run)
+        wait_for_lines(running, "pool ready", 2, why=" (the chapter's line as each worker's pool opens)")
         for path in ("/", "/health", "/users/1"):
-            assert get(running.url + path)[0] == 200
-        assert running.terminate() == 0
+            status = get(running.url + path)[0]
+            assert status == 200, f"expected GET {path} to answer 200, got {status}"
+        code = running.terminate()
         output = running.output()
-    assert "Shutting down: Master" in output, output
-    assert [line for line in output.splitlines() if ERROR_LOOKING.search(line)] == [], output
+    assert code == 0, f"expected exit 0 on SIGTERM, got {code}; it last printed: {last_lines(output)}"
+    assert "Shutting down: Master" in output, (
+        f"expected Gunicorn's master to say it shut down, it last printed: {last_lines(output)}")
+    bad = [line for line in output.splitlines() if ERROR_LOOKING.search(line)]
+    assert bad == [], (f"expected no line that looks like an error on a normal start and stop, got "
+                       f"{len(bad)}, the first: {bad[0] if bad else ''}")
 
 
 def test_the_boot_log_says_where_it_listens(served):
     """The log names the address as a URL with the port Gunicorn bound; pasted into curl, it answers."""
     urls = set(re.findall(rf"\bhttps?://[\w.:\[\]-]+:{served.port}\b", served.output()))
-    assert urls, served.output()
-    for url in urls:
-        assert get(url + "/health")[0] == 200, url
-
+    assert urls, (f"expected a log line naming a URL with port {served.port}, it last printed: "
+                  f"{last_lines(served.output(), 3)}")
+    for url in sorted(urls):
+        status = get(url + "/health")[0]
+        assert status == 200, f"expected {url}/health, as the log names it, to answer 200, got {status}"

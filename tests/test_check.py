@@ -98,6 +98,11 @@ WORKERS = ("WEB_CONCURRENCY=3 runs three worker processes under one master, each
 BUDGET_LINE = "The master states the budget once: workers x min_size at boot, workers x max_size at most."
 ACCESS_LOG = "Every request leaves one access-log line with its path and status."
 PORT_03 = "PORT picks the port Gunicorn listens on (the served fixture sets a free one)."
+BUG = ('A handler that raises a real bug answers JSON {"error": "Internal Server Error", "status": 500} '
+       "with no traceback in the body, and the traceback is logged once, on the server's side.")
+CLEAN_LOG = ("Boot, a few ordinary requests, SIGTERM: from the first line to the exit, no line says Error, "
+             "ERROR or Errno and no traceback is printed (chapter 06's uvloop worker once logged an Errno 9).")
+LISTENS = "The log names the address as a URL with the port Gunicorn bound; pasted into curl, it answers."
 LEAKS = "Nothing the app opens is left open once it stops: no connection, session or socket."
 
 JSON_404 = 'expected a JSON 404 {"error": "Not Found", "status": 404}, got a text/plain 404 `404: Not Found`'
@@ -145,8 +150,8 @@ def test_article_02_passes_what_it_gets_right_and_fails_each_lesson_for_its_own_
     report = article_02
     assert_in_words(report)
     passing = {INDEX, HEALTH, FACTORY, POOL, SCHEMES, LEAKS}
-    failing = {UNKNOWN, POST_INDEX, USER, COLUMNS, NO_ROW, BAD_IDS, BIGGEST, USER_405, APP_KEY, RUNS_02, UNREACHABLE,
-               SILENT, PORT_01}
+    failing = {UNKNOWN, POST_INDEX, BUG, USER, COLUMNS, NO_ROW, BAD_IDS, BIGGEST, USER_405, APP_KEY, RUNS_02,
+               UNREACHABLE, SILENT, PORT_01}
     if port_8080_is_free():
         passing.add(RUNS_01)
     else:
@@ -158,6 +163,8 @@ def test_article_02_passes_what_it_gets_right_and_fails_each_lesson_for_its_own_
 
     assert report.reasons(UNKNOWN)[:3] == [f"[{path}] {JSON_404}" for path in ("/nope", "/health/", "/HEALTH")]
     assert report.reasons(POST_INDEX) == [JSON_405]
+    assert report.reasons(BUG) == [f'expected a JSON 500 {{"error": "Internal Server Error", "status": 500}}, '
+                                   f"got {ANSWERS_500}"]
     assert report.reasons(USER) == [f"expected a JSON 200 with the sample user, got {ANSWERS_500}"]
     assert report.reasons(COLUMNS) == [("expected the query to name its columns, it asked for password_hash too "
                                         "(PostgreSQL refused it to a role that may not read that column)")]
@@ -187,9 +194,9 @@ def test_article_03_fails_every_run_on_the_bare_factory(article_03):
     behaviour that runs it fails with erratum 1's own words; the in-process ones read as in chapter 02."""
     report = article_03
     assert_in_words(report)
-    runs = {RUNS_01, RUNS_02, BUDGET_CONNECTIONS, WORKERS, BUDGET_LINE, ACCESS_LOG, PORT_03}
+    runs = {RUNS_01, RUNS_02, BUDGET_CONNECTIONS, WORKERS, BUDGET_LINE, ACCESS_LOG, PORT_03, CLEAN_LOG, LISTENS}
     assert report.verdicts("ok") == {INDEX, HEALTH, FACTORY, POOL, SCHEMES, LEAKS}
-    assert report.verdicts("FAIL") == {UNKNOWN, POST_INDEX, USER, COLUMNS, NO_ROW, BAD_IDS, BIGGEST, USER_405,
+    assert report.verdicts("FAIL") == {UNKNOWN, POST_INDEX, BUG, USER, COLUMNS, NO_ROW, BAD_IDS, BIGGEST, USER_405,
                                        APP_KEY, UNREACHABLE, SILENT} | runs
     assert PORT_01 not in report.behaviours  # from chapter 03 on, PORT_03 judges it
     for behaviour in runs:
