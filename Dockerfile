@@ -17,8 +17,9 @@ RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonex
         --shell /usr/sbin/nologin app
 
 # Dependencies in a layer of their own, before the code: editing app.py does not reinstall them.
-COPY requirements.txt ./
-RUN python -m pip install --no-cache-dir -r requirements.txt
+# The service's lock: every package of the tree pinned, each file checked against its hash.
+COPY requirements.lock ./
+RUN python -m pip install --no-cache-dir --require-hashes -r requirements.lock
 
 # Declared this late so every chapter shares the layers above it. The default is the last chapter.
 ARG CHAPTER=06-health-checks
