@@ -166,24 +166,25 @@ def intro(results: dict) -> str:
     )
 
 
-def path_table(results: dict, path: str) -> str:
-    """One row per variant that served `path`: req/s, its ratio to each baseline, latency, CPU."""
+def path_table(results: dict, path: str, compact: bool = False) -> str:
+    """One row per variant that served `path`: req/s, its ratio to each baseline, latency, CPU.
+    Compact (the page's, beside its chart): no p50, and the server's CPU only."""
     variants = results["variants"]
     rows = [v for v in variants if path in v["summary"]]
     if not rows:
         return ""
     bases = [(key, rps_of(variants, key, path)) for key in BASELINES[path]]
     bases = [(key, rps) for key, rps in bases if rps]
-    lines = [
-        "| variant | req/s | "
-        + "".join(f"× `{key}` | " for key, _ in bases)
-        + "p50 ms | p99 ms | CPU % server | CPU % postgres | CPU % client |",
-        "|---|---:|" + "---:|" * len(bases) + "---:|---:|---|---:|---:|",
-    ]
+    heads = ["variant", "req/s", *(f"× `{key}`" for key, _ in bases)]
+    heads += (
+        ["p99 ms", "CPU % server"]
+        if compact
+        else ["p50 ms", "p99 ms", "CPU % server", "CPU % postgres", "CPU % client"]
+    )
+    lines = ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
     for v in rows:
         s = v["summary"][path]
         rps = s["rps"]["median"]
-        ratios = "".join(f"{rps / base:.2f} | " for _, base in bases)
         server = " + ".join(f"{c:.0f}" for c in s["cpu"]["server"]) or "–"
         pg = s["cpu"]["postgres_total"]
         pg = f"{pg['median']:.0f}" if pg else "–"
@@ -191,11 +192,12 @@ def path_table(results: dict, path: str) -> str:
         if v["kind"] == "pgbench":
             server, client = "–", f"{client} (pgbench)"
         errors = f" ({s['errors']} errors)" if s["errors"] else ""
-        lines.append(
-            f"| {_name(v)}{errors} | {_range(s['rps'])} | {ratios}"
-            f"{s['p50_ms']['median']:.2f} | {_range(s['p99_ms'], '{:.1f}')} | {server} | "
-            f"{pg} | {client} |"
+        cells = [f"{_name(v)}{errors}", _range(s["rps"]), *(f"{rps / b:.2f}" for _, b in bases)]
+        p99 = _range(s["p99_ms"], "{:.1f}")
+        cells += (
+            [p99, server] if compact else [f"{s['p50_ms']['median']:.2f}", p99, server, pg, client]
         )
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -261,8 +263,8 @@ def _colour(v: dict) -> str:
     return COLOURS[v["kind"]]
 
 
-# One chart per question, each drawn for the page's column (about 730 px at 1280 px): an SVG
-# 8 inches wide keeps 10 pt text at about 12 px there, and stays sharp at any zoom.
+# One chart per question, each drawn for the page's column (about 690 px at 1280 px): an SVG
+# 7 inches wide (672 px) is shown at its own size there, and stays sharp at any zoom.
 CHARTS = {
     "root": (
         "How many GET / per second, against the yardsticks?",
@@ -276,7 +278,7 @@ CHARTS = {
         ],
     ),
 }
-WIDTH_IN = 8.0
+WIDTH_IN = 7.0
 
 
 def _panel(ax, variants: list[dict], path: str, field: str, xlabel: str) -> None:
@@ -442,8 +444,8 @@ def write(results: dict, out: Path) -> dict[str, Path]:
     texts = {
         "json": ("results.json", json.dumps(results, indent=2) + "\n"),
         "table": ("table.md", table(results)),
-        "table_root": ("table-root.md", path_table(results, ROOT_PATH)),
-        "table_users": ("table-users.md", path_table(results, USERS_PATH)),
+        "table_root": ("table-root.md", path_table(results, ROOT_PATH, compact=True)),
+        "table_users": ("table-users.md", path_table(results, USERS_PATH, compact=True)),
         "table_stop": ("table-stop.md", stop_table(results)),
         "table_checks": ("table-checks.md", checks_table(results)),
         "intro": ("table-intro.md", intro(results)),
