@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from conftest import missing
+
 from tutorial import chapters, freshness
 
 ROOT = chapters.ROOT
@@ -69,7 +69,7 @@ def test_every_pin_is_in_its_lock_at_its_version_and_the_locks_agree():
 
 
 def test_pre_commit_runs_the_pinned_ruff():
-    """.pre-commit-config.yaml's ruff is the one requirements-dev.txt pins (and `make lint` runs)."""
+    """.pre-commit-config.yaml runs the ruff requirements-dev.txt pins, as `make lint` does."""
     config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
     [repo] = [r for r in config["repos"] if r["repo"].endswith("/ruff-pre-commit")]
     assert repo["rev"] == "v" + pins(ROOT / "requirements-dev.txt")["ruff"]
@@ -155,7 +155,7 @@ def test_venv_rebuilds_an_unfinished_install_and_another_python(tmp_path):
     ), switched.stdout
 
 
-# -- tutorial/freshness.py's report, from a real pytest run ------------------------------------------
+# -- tutorial/freshness.py's report, from a real pytest run ----------------------------------------
 def test_freshness_reads_verdicts_and_names_the_errata_that_changed(tmp_path):
     (tmp_path / "test_sample.py").write_text(
         "import pytest\n"
