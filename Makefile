@@ -10,6 +10,7 @@ PY      := $(VENV)/bin/python
 CHAPTER ?=
 PORT    ?= 8080
 DIR     ?=
+ARGS    ?=
 export PORT
 # Named on the command line or in the environment, PYTHON must be the one .venv was made with.
 EXPLICIT := $(if $(filter default,$(origin PYTHON)),0,1)
@@ -22,7 +23,7 @@ export NO_MKDOCS_2_WARNING := 1
 
 help:
 	@echo "make run   [CHAPTER=NN] [PORT=8080]   run a chapter (default: the last) against a local PostgreSQL"
-	@echo "make test                             run every test"
+	@echo "make test  [ARGS='tests/test_01_minimal_app.py -x']   run every test (or what ARGS names)"
 	@echo "make check CHAPTER=NN DIR=path        run chapter NN's tests against your own folder"
 	@echo "make docs                             serve the tutorial site on http://localhost:8000"
 	@echo "make bench                            measure the service (see bench/README.md)"
@@ -37,7 +38,7 @@ run:
 
 test:
 	$(VENV_DEV)
-	@$(PY) -m pytest
+	@$(PY) -m pytest $(ARGS)
 
 check:
 	$(VENV_DEV)
