@@ -18,8 +18,10 @@ RUN useradd --system --uid 10001 --user-group --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin app
 
 # Dependencies in their own layer: editing app.py does not reinstall them.
-COPY requirements.txt ./
-RUN python -m pip install --no-cache-dir -r requirements.txt
+# The service's lock pins the whole tree, each file checked against its hash.
+COPY requirements.lock ./
+RUN python -m pip install --no-cache-dir --require-hashes \
+        -r requirements.lock
 
 # Declared late, so every chapter shares the layers above. Default: the last.
 ARG CHAPTER=07-beyond-one-machine

@@ -1,60 +1,88 @@
 # Two commands are all a fresh machine needs: `make run` and `make test`.
-# Both build .venv from the pinned requirements on first use, and again whenever those files change.
+# Each builds .venv from a hashed lock on first use (tutorial/venv.sh): `make run` installs only
+# the service and what running a chapter needs; test, docs, bench and lint add the rest.
 
 SHELL   := bash
 .SHELLFLAGS := -o pipefail -c
 PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed
 CHAPTER ?=
 PORT    ?= 8080
 DIR     ?=
 SETUP   ?=
+ARGS    ?=
 export PORT
+# Named on the command line or in the environment, PYTHON must be the one .venv was made with.
+EXPLICIT := $(if $(filter default,$(origin PYTHON)),0,1)
+VENV_RUN := @bash tutorial/venv.sh '$(PYTHON)' $(EXPLICIT) run
+VENV_DEV := @bash tutorial/venv.sh '$(PYTHON)' $(EXPLICIT) dev
+# Material for MkDocs prints a notice about its future in every build; MAINTAINING.md records it.
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: help run test check docs bench fleet rollout clean
+.PHONY: help run test check docs bench fleet rollout lint pins freshness clean
 
 help:
 	@echo "make run   [CHAPTER=NN] [PORT=8080]   run a chapter (default: the last) against a local PostgreSQL"
-	@echo "make test                             run every test"
+	@echo "make test  [ARGS='tests/test_01_minimal_app.py -x']   run every test (or what ARGS names)"
 	@echo "make check CHAPTER=NN DIR=path        run chapter NN's tests against your own folder"
 	@echo "make docs                             serve the tutorial site on http://localhost:8000"
 	@echo "make bench                            measure the service (see bench/README.md)"
 	@echo "make fleet  [PORT=8080]               chapter 07 as a fleet: PostgreSQL, PgBouncer, replicas, HAProxy"
 	@echo "make rollout [SETUP=article]          a rolling deploy under load: of a running make fleet, or of its own"
+	@echo "make lint                             ruff check and ruff format --check on the whole tree"
+	@echo "make pins [UPGRADE=1]                 rewrite the hashed locks from requirements*.txt"
+	@echo "make freshness                        the suite against the newest aiohttp, asyncpg, gunicorn, uvloop"
+	@echo "Any of them takes PYTHON=python3.12 to build .venv with another Python (3.11 to 3.13)."
 
-$(STAMP): requirements.txt requirements-dev.txt
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
-	  { echo "Python 3.10 or newer is needed; $(PYTHON) is $$($(PYTHON) --version 2>&1)." >&2; exit 1; }
-	@test -x $(PY) || { echo "==> creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
-	@echo "==> installing pinned requirements into $(VENV) (the first time takes a minute)"
-	@$(PY) -m pip install --disable-pip-version-check -r requirements-dev.txt 2>&1 | tee $(VENV)/pip.log \
-	  | { grep --line-buffered -E '^(Collecting|Successfully installed)' | sed -u 's/^/    /' || true; } \
-	  || { echo "pip failed; the last lines of $(VENV)/pip.log:" >&2; tail -n 15 $(VENV)/pip.log >&2; exit 1; }
-	@touch $(STAMP)
-	@echo "==> $(VENV) is ready"
-
-run: $(STAMP)
+run:
+	$(VENV_RUN)
 	@$(PY) -m tutorial.run $(CHAPTER)
 
-test: $(STAMP)
-	@$(PY) -m pytest
+test:
+	$(VENV_DEV)
+	@$(PY) -m pytest $(ARGS)
 
-check: $(STAMP)
+check:
+	$(VENV_DEV)
 	@$(PY) -m tutorial.check $(CHAPTER) $(DIR)
 
-docs: $(STAMP)
+docs:
+	$(VENV_DEV)
 	@$(PY) -m mkdocs serve --dev-addr 127.0.0.1:8000
 
-bench: $(STAMP)
+bench:
+	$(VENV_DEV)
 	@$(PY) -m bench
 
-fleet: $(STAMP)
+fleet:
+	$(VENV_DEV)
 	@$(PY) -m tutorial.fleet
 
-rollout: $(STAMP)
+rollout:
+	$(VENV_DEV)
 	@$(PY) -m tutorial.rollout $(if $(SETUP),--setup $(SETUP))
+
+lint:
+	$(VENV_DEV)
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+
+# The dev lock first; the other two are constrained by it, so a pin has one version in all three.
+# Without UPGRADE=1 every pin already in a lock is kept: the locks change only where a
+# requirements file did. UPGRADE=1 moves every unpinned (transitive) package to its newest release.
+LOCK = $(VENV)/bin/uv pip compile --quiet --universal --generate-hashes \
+       --custom-compile-command "make pins" $(if $(UPGRADE),--upgrade)
+pins:
+	$(VENV_DEV)
+	@$(LOCK) --python-version 3.11.5 requirements-dev.txt -o requirements-dev.lock
+	@$(LOCK) --python-version 3.11 -c requirements-dev.lock requirements-run.txt -o requirements-run.lock
+	@$(LOCK) --python-version 3.11 -c requirements-dev.lock requirements.txt -o requirements.lock
+	@git diff --stat -- 'requirements*.lock' 2>/dev/null || true
+
+freshness:
+	$(VENV_DEV)
+	@$(PY) -m tutorial.freshness
 
 clean:
 	rm -rf $(VENV) .data site .pytest_cache

@@ -5,6 +5,7 @@ backends) at both ends of the window: one that appears during it counts from zer
 pgbench opens are included. The load generator is our own child; its CPU comes from
 getrusage(RUSAGE_CHILDREN) around its run (see load.py).
 """
+
 from __future__ import annotations
 
 import time
@@ -47,5 +48,7 @@ class Meter:
         for name, pid in self.groups.items():
             before = self._start.get(name, {})
             used = [cpu - before.get(p, 0.0) for p, cpu in _tree(pid).items()]
-            result[name] = sorted((round(100 * u / wall, 1) for u in used if u / wall >= 0.005), reverse=True)
+            result[name] = sorted(
+                (round(100 * u / wall, 1) for u in used if u / wall >= 0.005), reverse=True
+            )
         return result

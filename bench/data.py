@@ -1,4 +1,5 @@
 """The database every variant reads: the chapter's own schema plus a few thousand sample users."""
+
 from __future__ import annotations
 
 import re
@@ -16,7 +17,8 @@ DEFAULT_COLUMNS = "id, public_id, name, email, balance, created_at"
 USERS_SQL = """
 INSERT INTO users (id, public_id, name, email, balance, created_at, password_hash)
 SELECT i, gen_random_uuid(), 'User ' || i, 'user' || i || '@example.com',
-       (i * 7919 % 1000000) / 100.0, timestamptz '2026-01-01 00:00:00+00' + i * interval '37 minutes',
+       (i * 7919 % 1000000) / 100.0,
+       timestamptz '2026-01-01 00:00:00+00' + i * interval '37 minutes',
        'not-a-real-hash'
 FROM generate_series(2, {n}) AS i
 ON CONFLICT (id) DO NOTHING;
@@ -26,14 +28,14 @@ ANALYZE users;
 
 
 class Database:
-    """A throwaway PostgreSQL under `folder`, no fsync: the benchmark measures reads, not durability."""
+    """A throwaway PostgreSQL under `folder`, no fsync: the bench measures reads, not durability."""
 
     def __init__(self, folder: Path, schema: Path, users: int = SAMPLE_USERS):
         self.server = LocalPostgres(folder / "pg", durable=False)
         self.schema = schema
         self.users = users
 
-    def __enter__(self) -> "Database":
+    def __enter__(self) -> Database:
         self.server.start()
         try:
             execute(self.server.dsn(), f"CREATE DATABASE {DATABASE}")
@@ -61,6 +63,8 @@ class Database:
 
 def select_statement(app_py: Path) -> str:
     """The chapter's own SELECT for GET /users/{id}, with pgbench's `:id` for the parameter."""
-    found = re.search(r'USER_COLUMNS\s*=\s*"([^"]+)"', app_py.read_text()) if app_py.exists() else None
+    found = (
+        re.search(r'USER_COLUMNS\s*=\s*"([^"]+)"', app_py.read_text()) if app_py.exists() else None
+    )
     columns = found.group(1) if found else DEFAULT_COLUMNS
     return f"SELECT {columns} FROM users WHERE id = :id;"

@@ -1,4 +1,9 @@
-"""Medians with min-max over the rounds, the targets as ratios, a Markdown table and a PNG chart."""
+"""Medians with min-max over the rounds, the targets as ratios, Markdown tables and SVG charts.
+
+Everything here is a pure function of results.json: `python -m bench --from-results FILE` redraws
+the tables and charts of a past run without measuring anything.
+"""
+
 from __future__ import annotations
 
 import json
@@ -6,35 +11,54 @@ import math
 import statistics
 from pathlib import Path
 
-from .variants import APP, DEFAULT_W2, NGINX_W2, ROOT_PATH, SINGLE, TUNED_W1, TUNED_W2, USERS_PATH
+from .variants import (
+    APP,
+    BARE,
+    DEFAULT_W2,
+    NGINX_W2,
+    ROOT_PATH,
+    SINGLE,
+    TUNED_W1,
+    TUNED_W2,
+    USERS_PATH,
+)
 
 PATH_TITLES = {ROOT_PATH: "GET /", USERS_PATH: "GET /users/{id}"}
-# What the ratio columns divide by: for GET /, chapter 01 and the machine's ceiling (nginx); for
-# GET /users/{id}, one default worker and the database's ceiling (pgbench).
-BASELINES = {ROOT_PATH: (APP, NGINX_W2), USERS_PATH: (SINGLE, "pgbench")}
+# What the ratio columns divide by: for GET /, chapter 01, the framework's ceiling (bare aiohttp)
+# and the machine's (nginx); for GET /users/{id}, one default worker and the database's (pgbench).
+BASELINES = {ROOT_PATH: (APP, BARE, NGINX_W2), USERS_PATH: (SINGLE, "pgbench")}
 
 
 def spread(values: list[float]) -> dict | None:
     values = [v for v in values if v is not None]
     if not values:
         return None
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
-            "max": round(max(values), 3), "n": len(values)}
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "n": len(values),
+    }
 
 
 def summarise(runs: list[dict], paths) -> dict:
-    out = {key: spread([r.get(key) for r in runs]) for key in ("start_s", "worker_boot_s", "stop_s")}
+    out = {
+        key: spread([r.get(key) for r in runs]) for key in ("start_s", "worker_boot_s", "stop_s")
+    }
     for path in paths:
         done = [r[path] for r in runs if path in r]
-        stats = {key: spread([d[key] for d in done]) for key in ("rps", "p50_ms", "p99_ms", "client_cpu_pct")}
+        stats = {
+            key: spread([d[key] for d in done])
+            for key in ("rps", "p50_ms", "p99_ms", "client_cpu_pct")
+        }
         stats["errors"] = sum(d["errors"] for d in done)
         # CPU per process: the busiest of each run with the busiest of the others, and so on.
         stats["cpu"] = {}
         for group in ("server", "postgres"):
             lists = [d["cpu"].get(group, []) for d in done]
-            rank = min((len(l) for l in lists), default=0)
-            stats["cpu"][group] = [statistics.median(l[i] for l in lists) for i in range(rank)]
-            stats["cpu"][group + "_total"] = spread([sum(l) for l in lists])
+            rank = min((len(cpus) for cpus in lists), default=0)
+            stats["cpu"][group] = [statistics.median(c[i] for c in lists) for i in range(rank)]
+            stats["cpu"][group + "_total"] = spread([sum(cpus) for cpus in lists])
         out[path] = stats
     return out
 
@@ -57,23 +81,61 @@ def checks(summary: dict, written: str | None) -> list[dict]:
             return round(a / b, 2) if a and b else None
 
         rows = [
-            ("GET / req/s vs chapter 01 under python app.py", ">=", 1.6,
-             ratio(median(summary, subject, ROOT_PATH, "rps"), median(summary, APP, ROOT_PATH, "rps"))),
-            ("GET / req/s vs nginx with 2 workers", ">=", 0.35,
-             ratio(median(summary, subject, ROOT_PATH, "rps"), median(summary, NGINX_W2, ROOT_PATH, "rps"))),
+            (
+                "GET / req/s vs chapter 01 under python app.py",
+                ">=",
+                1.6,
+                ratio(
+                    median(summary, subject, ROOT_PATH, "rps"),
+                    median(summary, APP, ROOT_PATH, "rps"),
+                ),
+            ),
+            (
+                "GET / req/s vs nginx with 2 workers",
+                ">=",
+                0.35,
+                ratio(
+                    median(summary, subject, ROOT_PATH, "rps"),
+                    median(summary, NGINX_W2, ROOT_PATH, "rps"),
+                ),
+            ),
             ("GET /users/{id} p99 (ms)", "<=", 20, median(summary, subject, USERS_PATH, "p99_ms")),
-            ("GET /users/{id} req/s vs 1 default worker", ">=", 1.2,
-             ratio(median(summary, subject, USERS_PATH, "rps"), median(summary, SINGLE, USERS_PATH, "rps"))),
-            ("worker boot to first healthy answer (s)", "<", 0.3, median(summary, subject, None, "worker_boot_s")),
+            (
+                "GET /users/{id} req/s vs 1 default worker",
+                ">=",
+                1.2,
+                ratio(
+                    median(summary, subject, USERS_PATH, "rps"),
+                    median(summary, SINGLE, USERS_PATH, "rps"),
+                ),
+            ),
+            (
+                "worker boot to first healthy answer (s)",
+                "<",
+                0.3,
+                median(summary, subject, None, "worker_boot_s"),
+            ),
             ("idle graceful stop (s)", "<", 1.3, median(summary, subject, None, "stop_s")),
         ]
         for name, op, target, value in rows:
-            met = None if value is None else {">=": value >= target, "<=": value <= target, "<": value < target}[op]
-            found.append({"subject": subject, "check": name, "target": f"{op} {target}", "value": value, "met": met})
+            met = (
+                None
+                if value is None
+                else {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+            )
+            found.append(
+                {
+                    "subject": subject,
+                    "check": name,
+                    "target": f"{op} {target}",
+                    "value": value,
+                    "met": met,
+                }
+            )
     return found
 
 
-# -- Markdown ---------------------------------------------------------------------------------------------
+# -- Markdown --------------------------------------------------------------------------------------
 def _range(s: dict | None, fmt: str = "{:,.0f}") -> str:
     if not s:
         return "–"
@@ -88,63 +150,109 @@ def rps_of(variants: list[dict], key: str, path: str) -> float | None:
 
 
 def _name(v: dict) -> str:
-    return f"**{v['label']}** (`{v['key']}`)" if v.get("as_written") or v["key"] == TUNED_W2 \
+    return (
+        f"**{v['label']}** (`{v['key']}`)"
+        if v.get("as_written") or v["key"] == TUNED_W2
         else f"{v['label']} (`{v['key']}`)"
+    )
+
+
+def intro(results: dict) -> str:
+    s = results["settings"]
+    return (
+        f"Median of {s['rounds']} interleaved runs, min–max in brackets. CPU is per process, "
+        "in % of one core (Gunicorn's workers, busiest first; an idle master is left out). "
+        f"wrk {s['wrk']}, {s['duration_s']} s per run.\n"
+    )
+
+
+def path_table(results: dict, path: str, compact: bool = False) -> str:
+    """One row per variant that served `path`: req/s, its ratio to each baseline, latency, CPU.
+    Compact (the page's, beside its chart): no p50, and the server's CPU only."""
+    variants = results["variants"]
+    rows = [v for v in variants if path in v["summary"]]
+    if not rows:
+        return ""
+    bases = [(key, rps_of(variants, key, path)) for key in BASELINES[path]]
+    bases = [(key, rps) for key, rps in bases if rps]
+    heads = ["variant", "req/s", *(f"× `{key}`" for key, _ in bases)]
+    heads += (
+        ["p99 ms", "CPU % server"]
+        if compact
+        else ["p50 ms", "p99 ms", "CPU % server", "CPU % postgres", "CPU % client"]
+    )
+    lines = ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
+    for v in rows:
+        s = v["summary"][path]
+        rps = s["rps"]["median"]
+        server = " + ".join(f"{c:.0f}" for c in s["cpu"]["server"]) or "–"
+        pg = s["cpu"]["postgres_total"]
+        pg = f"{pg['median']:.0f}" if pg else "–"
+        client = f"{s['client_cpu_pct']['median']:.0f}" if s["client_cpu_pct"] else "–"
+        if v["kind"] == "pgbench":
+            server, client = "–", f"{client} (pgbench)"
+        errors = f" ({s['errors']} errors)" if s["errors"] else ""
+        cells = [f"{_name(v)}{errors}", _range(s["rps"]), *(f"{rps / b:.2f}" for _, b in bases)]
+        p99 = _range(s["p99_ms"], "{:.1f}")
+        cells += (
+            [p99, server] if compact else [f"{s['p50_ms']['median']:.2f}", p99, server, pg, client]
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def stop_table(results: dict) -> str:
+    timed = [v for v in results["variants"] if v["summary"].get("stop_s")]
+    if not timed:
+        return ""
+    lines = [
+        "| variant | spawn to first 200 | first worker's fork to first 200 | "
+        "idle SIGTERM to exit |",
+        "|---|---:|---:|---:|",
+    ]
+    for v in timed:
+        s = v["summary"]
+        lines.append(
+            f"| {_name(v)} | {_range(s['start_s'], '{:.2f}')} | "
+            f"{_range(s['worker_boot_s'], '{:.2f}')} | {_range(s['stop_s'], '{:.2f}')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def checks_table(results: dict) -> str:
+    if not results.get("checks"):
+        return ""
+    lines = ["| variant | check | target | measured | met |", "|---|---|---|---:|---|"]
+    for c in results["checks"]:
+        met = {True: "yes", False: "**no**", None: "–"}[c["met"]]
+        lines.append(f"| `{c['subject']}` | {c['check']} | {c['target']} | {c['value']} | {met} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(results: dict) -> str:
-    variants = results["variants"]
-    rounds = results["settings"]["rounds"]
-    lines = [f"Median of {rounds} interleaved runs, min–max in brackets. CPU is per process, in % of one "
-             "core (Gunicorn's workers, busiest first; an idle master is left out). "
-             f"wrk {results['settings']['wrk']}, {results['settings']['duration_s']} s per run.", ""]
-    for path, title in PATH_TITLES.items():
-        rows = [v for v in variants if path in v["summary"]]
-        if not rows:
-            continue
-        bases = [(key, rps_of(variants, key, path)) for key in BASELINES[path]]
-        bases = [(key, rps) for key, rps in bases if rps]
-        lines += [f"**{title}**", "",
-                  "| variant | req/s | " + " | ".join(f"× `{key}`" for key, _ in bases)
-                  + (" | " if bases else "") + "p50 ms | p99 ms | CPU % server | CPU % postgres | CPU % client |",
-                  "|---|---:|" + "---:|" * len(bases) + "---:|---:|---|---:|---:|"]
-        for v in rows:
-            s = v["summary"][path]
-            rps = s["rps"]["median"]
-            ratios = "".join(f"{rps / base:.2f} | " for _, base in bases)
-            server = " + ".join(f"{c:.0f}" for c in s["cpu"]["server"]) or "–"
-            pg = s["cpu"]["postgres_total"]
-            pg = f"{pg['median']:.0f}" if pg else "–"
-            client = f"{s['client_cpu_pct']['median']:.0f}" if s["client_cpu_pct"] else "–"
-            if v["kind"] == "pgbench":
-                server, client = "–", f"{client} (pgbench)"
-            errors = f" ({s['errors']} errors)" if s["errors"] else ""
-            lines.append(f"| {_name(v)}{errors} | {_range(s['rps'])} | {ratios}"
-                         f"{s['p50_ms']['median']:.2f} | {_range(s['p99_ms'], '{:.1f}')} | {server} | {pg} | {client} |")
-        lines.append("")
-    timed = [v for v in variants if v["summary"].get("stop_s")]
-    if timed:
-        lines += ["**Start and stop** (seconds)", "",
-                  "| variant | spawn to first 200 | first worker's fork to first 200 | idle SIGTERM to exit |",
-                  "|---|---:|---:|---:|"]
-        for v in timed:
-            s = v["summary"]
-            lines.append(f"| {_name(v)} | {_range(s['start_s'], '{:.2f}')} | "
-                         f"{_range(s['worker_boot_s'], '{:.2f}')} | {_range(s['stop_s'], '{:.2f}')} |")
-        lines.append("")
-    if results.get("checks"):
-        lines += ["**The targets (checks() in bench/report.py)**", "", "| variant | check | target | measured | met |",
-                  "|---|---|---|---:|---|"]
-        for c in results["checks"]:
-            met = {True: "yes", False: "**no**", None: "–"}[c["met"]]
-            lines.append(f"| `{c['subject']}` | {c['check']} | {c['target']} | {c['value']} | {met} |")
-        lines.append("")
-    return "\n".join(lines)
+    """Every table of the run in one document (bench/results/table.md, and the run's own output)."""
+    parts = [intro(results)]
+    for title, text in [
+        (f"**{PATH_TITLES[ROOT_PATH]}**", path_table(results, ROOT_PATH)),
+        (f"**{PATH_TITLES[USERS_PATH]}**", path_table(results, USERS_PATH)),
+        ("**Start and stop** (seconds)", stop_table(results)),
+        ("**The targets** (`checks` in bench/report.py)", checks_table(results)),
+    ]:
+        if text:
+            parts += [title, "", text]
+    return "\n".join(parts)
 
 
-# -- chart ------------------------------------------------------------------------------------------------
-COLOURS = {"gunicorn": "#8fb0d6", "written": "#3b6ea8", "tuned": "#1f3f66",
-           "app": "#9a9a9a", "nginx": "#5a9e5a", "pgbench": "#c08a2e"}
+# -- chart -----------------------------------------------------------------------------------------
+COLOURS = {
+    "gunicorn": "#8fb0d6",
+    "written": "#3b6ea8",
+    "tuned": "#1f3f66",
+    "app": "#9a9a9a",
+    "bare": "#7a5aa8",
+    "nginx": "#5a9e5a",
+    "pgbench": "#c08a2e",
+}
 
 
 def _colour(v: dict) -> str:
@@ -155,46 +263,89 @@ def _colour(v: dict) -> str:
     return COLOURS[v["kind"]]
 
 
-def chart(results: dict, path: Path) -> None:
+# One chart per question, each drawn for the page's column (about 690 px at 1280 px): an SVG
+# 7 inches wide (672 px) is shown at its own size there, and stays sharp at any zoom.
+CHARTS = {
+    "root": (
+        "How many GET / per second, against the yardsticks?",
+        [(ROOT_PATH, "rps", "req/s (bar label: × chapter 01 under python app.py)")],
+    ),
+    "users": (
+        "How fast and how steady is GET /users/{id}?",
+        [
+            (USERS_PATH, "rps", "req/s (bar label: × 1 worker, default setup)"),
+            (USERS_PATH, "p99_ms", "p99 latency, ms (lower is better)"),
+        ],
+    ),
+}
+WIDTH_IN = 7.0
+
+
+def _panel(ax, variants: list[dict], path: str, field: str, xlabel: str) -> None:
+    from matplotlib import ticker
+
+    rows = [v for v in variants if path in v["summary"]][::-1]
+    base = rps_of(variants, BASELINES[path][0], path) if field == "rps" else None
+    med = [v["summary"][path][field]["median"] for v in rows]
+    lo = [m - v["summary"][path][field]["min"] for m, v in zip(med, rows, strict=True)]
+    hi = [v["summary"][path][field]["max"] - m for m, v in zip(med, rows, strict=True)]
+    ax.barh(range(len(rows)), med, xerr=[lo, hi], color=[_colour(v) for v in rows], capsize=2)
+    ax.set_yticks(range(len(rows)), [v["label"] for v in rows], fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlim(0, max(m + h for m, h in zip(med, hi, strict=True)) * 1.22)
+    # Few, short tick labels: "40k" rather than "40000", so they never run into each other.
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
+    ax.xaxis.set_major_formatter(
+        ticker.FuncFormatter(
+            lambda x, _: f"{x / 1000:.0f}k" if field == "rps" and x >= 1000 else f"{x:g}"
+        )
+    )
+    ax.tick_params(axis="x", labelsize=9)
+    for y, (m, h) in enumerate(zip(med, hi, strict=True)):
+        text = f" {m:.1f}" if field != "rps" else f" {m / base:.2f}×" if base else f" {m:,.0f}"
+        ax.text(m + h, y, text, va="center", fontsize=8.5)  # past the whisker, never over it
+
+
+def chart(results: dict, name: str, path: Path) -> None:
+    """Draw the chart `name` of CHARTS to `path` (SVG): one panel per row, stacked."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display: render straight to PNG
+    matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    # Each req/s bar is labelled with its ratio to the first baseline of its path; latency with ms.
-    panels = [(ROOT_PATH, "rps", "GET /   req/s  (× chapter 01 under python app.py)"),
-              (USERS_PATH, "rps", "GET /users/{id}   req/s  (× 1 default worker)"),
-              (USERS_PATH, "p99_ms", "GET /users/{id}   p99 latency, ms")]
+    matplotlib.rcParams["svg.hashsalt"] = "bench"  # the same results give the same file
+    question, panels = CHARTS[name]
     variants = results["variants"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(17, 0.42 * len(variants) + 1.8), constrained_layout=True)
-    for ax, (p, field, title) in zip(axes, panels):
-        rows = [v for v in variants if p in v["summary"]][::-1]
-        if not rows:
-            ax.set_visible(False)
-            continue
-        base = rps_of(variants, BASELINES[p][0], p) if field == "rps" else None
-        med = [v["summary"][p][field]["median"] for v in rows]
-        lo = [m - v["summary"][p][field]["min"] for m, v in zip(med, rows)]
-        hi = [v["summary"][p][field]["max"] - m for m, v in zip(med, rows)]
-        ax.barh(range(len(rows)), med, xerr=[lo, hi], color=[_colour(v) for v in rows], capsize=3)
-        ax.set_yticks(range(len(rows)), [v["label"] for v in rows], fontsize=8.5)
-        ax.set_title(title, fontsize=10)
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.25)
-        for y, m in enumerate(med):
-            text = f" {m:.1f}" if field != "rps" else f" {m / base:.2f}×" if base else f" {m:,.0f}"
-            ax.text(m, y, text, va="center", fontsize=8)
-    for ax in axes[1:]:
-        ax.tick_params(axis="y", labelleft=True)
+    panels = [p for p in panels if any(p[0] in v["summary"] for v in variants)]
+    if not panels:  # a run of --only that never served this path
+        fig = plt.figure(figsize=(WIDTH_IN, 0.8))
+        fig.text(0.5, 0.5, f"{question} Not measured in this run.", ha="center", fontsize=10)
+        fig.savefig(path, format="svg", metadata={"Date": None})
+        plt.close(fig)
+        return
+    heights = [0.32 * sum(p[0] in v["summary"] for v in variants) + 0.7 for p in panels]
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        squeeze=False,
+        layout="constrained",
+        figsize=(WIDTH_IN, sum(heights) + 0.6),
+        gridspec_kw={"height_ratios": heights},
+    )
+    for ax, (p, field, xlabel) in zip(axes[:, 0], panels, strict=True):
+        _panel(ax, variants, p, field, xlabel)
     m, s = results["machine"], results["settings"]
-    fig.suptitle(f"{s['chapter']} · wrk {s['wrk']} · {m['cpus']} cores, {m['cpu_model']} · "
-                 f"median of {s['rounds']} interleaved runs, whiskers min–max · {results['started'][:10]}",
-                 fontsize=10)
-    fig.savefig(path, dpi=90)
+    fig.suptitle(
+        f"{question}\n{s['chapter']}, {m['cpus']} cores, median of {s['rounds']} runs, "
+        f"whiskers min–max, {results['started'][:10]}",
+        fontsize=10,
+    )
+    fig.savefig(path, format="svg", metadata={"Date": None})
     plt.close(fig)
 
 
-# -- the knobs, in the order of their measured effect -----------------------------------------------------
+# -- the knobs, in the order of their measured effect ----------------------------------------------
 KNOBS = [  # (variant, what it changes, compared with): the ratio is variant ÷ compared-with
     (TUNED_W2, "uvloop worker (`aiohttp.GunicornUVLoopWebWorker`)", "w2-no-uvloop"),
     (TUNED_W2, "access log off", "w2-with-log"),
@@ -219,47 +370,93 @@ def knob_effects(results: dict) -> list[dict]:
         if None in ratios.values():
             continue
         effect = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
-        found.append({"variant": key, "knob": what, "against": base, "ratios": ratios, "effect": round(effect, 3)})
+        found.append(
+            {
+                "variant": key,
+                "knob": what,
+                "against": base,
+                "ratios": ratios,
+                "effect": round(effect, 3),
+            }
+        )
     return sorted(found, key=lambda k: -k["effect"])
 
 
 def knobs_md(results: dict) -> str:
     effects = knob_effects(results)
+    lines = [
+        "| knob | req/s of | ÷ req/s of | GET / | GET /users/{id} |",
+        "|---|---|---|---:|---:|",
+    ]
     if not effects:
-        return "_This run measured too few variants to compare knobs._\n"
-    lines = ["| knob | req/s of | ÷ req/s of | GET / | GET /users/{id} |", "|---|---|---|---:|---:|"]
+        lines = ["_This run measured too few variants to compare knobs._"]
     for k in effects:
-        lines.append(f"| {k['knob']} | `{k['variant']}` | `{k['against']}` | {k['ratios'][ROOT_PATH]:.2f}× | "
-                     f"{k['ratios'][USERS_PATH]:.2f}× |")
+        lines.append(
+            f"| {k['knob']} | `{k['variant']}` | `{k['against']}` | "
+            f"{k['ratios'][ROOT_PATH]:.2f}× | "
+            f"{k['ratios'][USERS_PATH]:.2f}× |"
+        )
     by_key = {v["key"]: v for v in results["variants"]}
+    written = next((v for v in results["variants"] if v.get("as_written")), None)
+    bare = rps_of(results["variants"], BARE, ROOT_PATH)
+    if written and bare and ROOT_PATH in written["summary"]:
+        mine = written["summary"][ROOT_PATH]["rps"]["median"]
+        lines += [
+            "",
+            f"The chapter as written (`{written['key']}`) serves GET / at "
+            f"{mine / bare:.2f}× the req/s of bare aiohttp with the same worker settings "
+            f"(`{BARE}`): {mine:,.0f} against {bare:,.0f}.",
+        ]
     if TUNED_W2 in by_key and DEFAULT_W2 in by_key:
         fast = (by_key[TUNED_W2]["summary"].get("stop_s") or {}).get("median")
         slow = (by_key[DEFAULT_W2]["summary"].get("stop_s") or {}).get("median")
         if fast and slow:
-            lines += ["", f"Idle graceful stop: {slow:.2f} s for `{DEFAULT_W2}`, {fast:.2f} s for `{TUNED_W2}` "
-                          f"with the SIGTERM hook ({fast / slow:.2f}×)."]
+            lines += [
+                "",
+                f"Idle graceful stop: {slow:.2f} s for `{DEFAULT_W2}`, "
+                f"{fast:.2f} s for `{TUNED_W2}` "
+                f"with the SIGTERM hook ({fast / slow:.2f}×).",
+            ]
     return "\n".join(lines) + "\n"
 
 
 def machine_md(results: dict) -> str:
     m, v, s = results["machine"], results["versions"], results["settings"]
     soft = ", ".join(f"{name} {version}" for name, version in v.items())
-    return (f"- Run: {results['started']}, {results['wall_s']:.0f} s in all, chapter `{s['chapter']}`, "
-            f"{s['rounds']} rounds of {s['warmup_s']} s warm-up and {s['duration_s']} s measured per path\n"
-            f"- Machine: {m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, {m['os']}, "
-            f"Linux {m['kernel']}; load average {m['load_before'][0]} before, {m['load_after'][0]} after\n"
-            f"- Software: {soft}\n"
-            f"- Load: wrk {s['wrk']} over loopback; pgbench {s['pgbench']}; {s['sample_users']:,} sample users\n")
+    return (
+        f"- Run: {results['started']}, {results['wall_s']:.0f} s in all, chapter `{s['chapter']}`, "
+        f"{s['rounds']} rounds of {s['warmup_s']} s warm-up and {s['duration_s']} s measured "
+        "per path\n"
+        f"- Machine: {m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, {m['os']}, "
+        f"Linux {m['kernel']}; load average {m['load_before'][0]} before, "
+        f"{m['load_after'][0]} after\n"
+        f"- Software: {soft}\n"
+        f"- Load: wrk {s['wrk']} over loopback; pgbench {s['pgbench']}; "
+        f"{s['sample_users']:,} sample users\n"
+    )
 
 
 def write(results: dict, out: Path) -> dict[str, Path]:
+    """Write results.json (with the knob effects added), the tables and the charts to `out`.
+    `results` itself is left as it was given."""
+    results = {**results, "knobs": knob_effects(results)}
     out.mkdir(parents=True, exist_ok=True)
-    files = {"json": out / "results.json", "table": out / "table.md", "knobs": out / "knobs.md",
-             "machine": out / "machine.md", "chart": out / "chart.png"}
-    results["knobs"] = knob_effects(results)
-    files["json"].write_text(json.dumps(results, indent=2) + "\n")
-    files["table"].write_text(table(results))
-    files["knobs"].write_text(knobs_md(results))
-    files["machine"].write_text(machine_md(results))
-    chart(results, files["chart"])
+    texts = {
+        "json": ("results.json", json.dumps(results, indent=2) + "\n"),
+        "table": ("table.md", table(results)),
+        "table_root": ("table-root.md", path_table(results, ROOT_PATH, compact=True)),
+        "table_users": ("table-users.md", path_table(results, USERS_PATH, compact=True)),
+        "table_stop": ("table-stop.md", stop_table(results)),
+        "table_checks": ("table-checks.md", checks_table(results)),
+        "intro": ("table-intro.md", intro(results)),
+        "knobs": ("knobs.md", knobs_md(results)),
+        "machine": ("machine.md", machine_md(results)),
+    }
+    files = {}
+    for key, (name, text) in texts.items():
+        files[key] = out / name
+        files[key].write_text(text or "_Not measured in this run._\n")
+    for name in CHARTS:
+        files[f"chart_{name}"] = out / f"chart-{name}.svg"
+        chart(results, name, files[f"chart_{name}"])
     return files

@@ -1,43 +1,54 @@
 """Start what a variant measures, time its start and its idle stop, and never leave it running.
 
 Chapters are never edited. A variant's worker class goes on Gunicorn's command line (-k), and so do
-an access log (--access-logfile -) and a socket per worker (--reuse-port). Turning the access log off
-or reuse_port back off has no flag, so a generated config file
-runs the chapter's own gunicorn.conf.py and then sets `accesslog = None`. Switching the JSON encoder
-needs a patched copy of the chapter in a temporary folder (json_variant below): the copy differs from
-the chapter by exactly the lines a reader would change.
+an access log (--access-logfile -) and a socket per worker (--reuse-port). Turning the access
+log or reuse_port back off has no flag, so a generated config file runs the chapter's own
+gunicorn.conf.py and then overrides the setting. Switching the JSON encoder needs a patched copy
+of the chapter in a temporary folder (json_variant below): the copy differs from the chapter by
+exactly the lines a reader would change.
 """
+
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 
 from tutorial import process
 from tutorial.chapters import Chapter
 
-WORKER_CLASSES = {"aiohttp": "aiohttp.GunicornWebWorker", "uvloop": "aiohttp.GunicornUVLoopWebWorker"}
+from .variants import Knobs
 
-# The encoder for GET /users/{id} in two interchangeable spellings. A chapter "offers" the switch when
-# its app.py holds every line of one of them; the other is then made by replacing those lines.
+WORKER_CLASSES = {
+    "aiohttp": "aiohttp.GunicornWebWorker",
+    "uvloop": "aiohttp.GunicornUVLoopWebWorker",
+}
+
+# The encoder for GET /users/{id} in two interchangeable spellings. A chapter "offers" the switch
+# when its app.py holds every line of one of them; the other is then made by replacing those lines.
 JSON_FORMS = {
-    "stdlib": ("import json\n",
-               "dumps = functools.partial(json.dumps, default=to_json)",
-               "web.json_response(dict(row), dumps=dumps)"),
-    "orjson": ("import json\nimport orjson\n",
-               "dumps = functools.partial(orjson.dumps, default=to_json)",
-               "web.json_bytes_response(dict(row), dumps=dumps)"),
+    "stdlib": (
+        "import json\n",
+        "dumps = functools.partial(json.dumps, default=to_json)",
+        "web.json_response(dict(row), dumps=dumps)",
+    ),
+    "orjson": (
+        "import json\nimport orjson\n",
+        "dumps = functools.partial(orjson.dumps, default=to_json)",
+        "web.json_bytes_response(dict(row), dumps=dumps)",
+    ),
 }
 
 
 def json_form(app_py: Path) -> str | None:
     text = app_py.read_text()
-    return next((name for name, lines in JSON_FORMS.items() if all(l in text for l in lines)), None)
+    found = (name for name, lines in JSON_FORMS.items() if all(line in text for line in lines))
+    return next(found, None)
 
 
 def json_variant(folder: Path, want: str, scratch: Path) -> Path | None:
@@ -52,30 +63,44 @@ def json_variant(folder: Path, want: str, scratch: Path) -> Path | None:
     if not copy.exists():
         shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("__pycache__"))
         text = (copy / "app.py").read_text()
-        for old, new in zip(JSON_FORMS[have], JSON_FORMS[want]):
+        for old, new in zip(JSON_FORMS[have], JSON_FORMS[want], strict=True):
             text = text.replace(old, new, 1)
         (copy / "app.py").write_text(text)
     return copy
 
 
-def chapter_knobs(chapter: Chapter, env: dict[str, str]) -> tuple[tuple, int]:
-    """The chapter's own (worker, access_log, json) and its default worker count, as Gunicorn resolves
-    them from its gunicorn.conf.py (--print-config), without WEB_CONCURRENCY from our environment."""
+class ChapterSettings(NamedTuple):
+    knobs: Knobs
+    workers: int  # the default worker count, without WEB_CONCURRENCY from our environment
+
+
+def chapter_knobs(chapter: Chapter, env: dict[str, str]) -> ChapterSettings:
+    """The chapter's four knobs and its default worker count, as Gunicorn resolves them from its
+    gunicorn.conf.py (--print-config)."""
     env = {k: v for k, v in env.items() if k not in ("WEB_CONCURRENCY", "GUNICORN_CMD_ARGS")}
-    done = subprocess.run([*chapter.argv, "--print-config"], cwd=chapter.folder, env=env,
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [*chapter.argv, "--print-config"],
+        cwd=chapter.folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     conf = dict(re.findall(r"^(\w+)\s+= ?(.*)$", done.stdout, re.M))
-    worker = next((name for name, cls in WORKER_CLASSES.items() if conf.get("worker_class") == cls), None)
+    worker = next(
+        (name for name, cls in WORKER_CLASSES.items() if conf.get("worker_class") == cls), None
+    )
     access_log = None if "accesslog" not in conf else conf["accesslog"].strip() not in ("", "None")
     reuse_port = None if "reuse_port" not in conf else conf["reuse_port"].strip() == "True"
-    workers = int(conf.get("workers", "1"))
-    return (worker, access_log, json_form(chapter.folder / "app.py"), reuse_port), workers
+    knobs = Knobs(worker, access_log, json_form(chapter.folder / "app.py"), reuse_port)
+    return ChapterSettings(knobs, int(conf.get("workers", "1")))
 
 
-# aiohttp's worker takes SIGTERM through Gunicorn's handle_exit, which only clears `alive`: the worker
-# sees it at its next once-a-second tick. handle_quit (its SIGINT and SIGQUIT handler) also wakes it.
-# The recommended variants route SIGTERM to handle_quit; the default ones put handle_exit back, undoing
-# any hook of the chapter's, so their idle stop is the stock one. Either runs the chapter's hook first.
+# aiohttp's worker takes SIGTERM through Gunicorn's handle_exit, which only clears `alive`: the
+# worker sees it at its next once-a-second tick. handle_quit (its SIGINT and SIGQUIT handler) also
+# wakes it. The recommended variants route SIGTERM to handle_quit; the default ones put handle_exit
+# back, undoing any hook of the chapter's, so their idle stop is the stock one. Either runs the
+# chapter's hook first.
 SIGTERM_HOOK = """\
 _chapter_post_worker_init = globals().get("post_worker_init")
 
@@ -91,24 +116,34 @@ def post_worker_init(worker):
 def gunicorn_argv(folder: Path, chapter: Chapter, variant, scratch: Path) -> list[str]:
     argv = chapter.argv
     if argv[0] != "gunicorn":
-        raise SystemExit(f"chapter {chapter.name} does not run under Gunicorn (`{chapter.run}`); pick one that does")
+        raise SystemExit(
+            f"chapter {chapter.name} does not run under Gunicorn (`{chapter.run}`); "
+            "pick one that does"
+        )
     overrides = []
     if variant.access_log is False:
         overrides.append("accesslog = None  # aiohttp's worker then builds no access logger at all")
     if variant.reuse_port is False:
         overrides.append("reuse_port = False")
     if variant.fast_stop is not None:
-        overrides.append(SIGTERM_HOOK.format(handler="handle_quit" if variant.fast_stop else "handle_exit"))
+        overrides.append(
+            SIGTERM_HOOK.format(handler="handle_quit" if variant.fast_stop else "handle_exit")
+        )
     if overrides:
         at = argv.index("-c") + 1 if "-c" in argv else None
         conf = folder / (argv[at] if at else "gunicorn.conf.py")
         overlay = scratch / f"{folder.name}-{variant.key}.conf.py"
         overlay.write_text(
-            "# Written by bench/servers.py: the chapter's own settings, then the variant's overrides.\n"
+            "# Written by bench/servers.py: the chapter's own settings, then the variant's.\n"
             f"_chapter_conf = {str(conf)!r}\n"
             "exec(compile(open(_chapter_conf).read(), _chapter_conf, 'exec'))\n"
-            + "".join(line + "\n" for line in overrides))
-        argv = [*argv[:at], str(overlay), *argv[at + 1:]] if at else [argv[0], "-c", str(overlay), *argv[1:]]
+            + "".join(line + "\n" for line in overrides)
+        )
+        argv = (
+            [*argv[:at], str(overlay), *argv[at + 1 :]]
+            if at
+            else [argv[0], "-c", str(overlay), *argv[1:]]
+        )
     if variant.worker:
         argv = [*argv, "-k", WORKER_CLASSES[variant.worker]]
     if variant.access_log:
@@ -116,6 +151,29 @@ def gunicorn_argv(folder: Path, chapter: Chapter, variant, scratch: Path) -> lis
     if variant.reuse_port:
         argv = [*argv, "--reuse-port"]
     return argv
+
+
+BARE_APP = Path(__file__).resolve().parent / "bare_app.py"
+
+
+def bare_argv(variant, port: int) -> tuple[list[str], Path]:
+    """bench/bare_app.py under Gunicorn with the variant's workers, worker class, access log and
+    reuse_port (the chapter's own, see variants.with_chapter_knobs); no config file at all."""
+    argv = [
+        "gunicorn",
+        "bare_app:create_app",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(variant.workers),
+        "-k",
+        WORKER_CLASSES[variant.worker or "aiohttp"],
+    ]
+    if variant.access_log:
+        argv += ["--access-logfile", "-"]
+    if variant.reuse_port:
+        argv += ["--reuse-port"]
+    return argv, BARE_APP.parent
 
 
 NGINX_CONF = """\
@@ -133,7 +191,8 @@ http {{
     fastcgi_temp_path {prefix}/fastcgi;
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
-    keepalive_requests 1000000;  # aiohttp never closes a keep-alive connection after N requests either
+    # aiohttp never closes a keep-alive connection after N requests either
+    keepalive_requests 1000000;
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -150,7 +209,15 @@ def nginx_argv(workers: int, port: int, scratch: Path) -> tuple[list[str], Path]
     prefix.mkdir(exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(NGINX_CONF.format(workers=workers, prefix=prefix, port=port))
-    return [shutil.which("nginx") or "nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")], prefix
+    return [
+        shutil.which("nginx") or "nginx",
+        "-p",
+        str(prefix),
+        "-c",
+        str(conf),
+        "-e",
+        str(prefix / "error.log"),
+    ], prefix
 
 
 class Server:
@@ -174,8 +241,10 @@ class Server:
         deadline = self.t0 + timeout
         while time.monotonic() < deadline:
             if self.running.proc.poll() is not None:
-                raise RuntimeError(f"{self.running.proc.args[0]} exited with {self.running.proc.returncode}:\n"
-                                   f"{self.running.output()[-3000:]}")
+                raise RuntimeError(
+                    f"{self.running.proc.args[0]} exited with {self.running.proc.returncode}:\n"
+                    f"{self.running.output()[-3000:]}"
+                )
             try:
                 if process.get(self.url + path, timeout=1)[0] == 200:
                     self.start_s = time.monotonic() - self.t0
@@ -184,10 +253,13 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.005)  # fine enough to time a start against a 0.3 s target
-        raise TimeoutError(f"{path} did not answer 200 in {timeout}s:\n{self.running.output()[-3000:]}")
+        raise TimeoutError(
+            f"{path} did not answer 200 in {timeout}s:\n{self.running.output()[-3000:]}"
+        )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """A chapter with /ready (06 on) may answer /health before its pool is up: wait for /ready too."""
+        """A chapter with /ready (06 on) may answer /health before its pool is up: wait for
+        /ready too."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = process.get(self.url + "/ready", timeout=2)[0]
@@ -197,10 +269,10 @@ class Server:
         raise TimeoutError(f"/ready did not answer 200 in {timeout}s")
 
     def _worker_boot(self) -> float | None:
-        """From the first worker's fork to the first 200. psutil's create_time() counts from the kernel's
-        boot time, which it knows only to the second, so it is never compared with our clock: the fork
-        comes as an offset from the master's own create_time() (same base, 10 ms ticks), and the master
-        was spawned at self.t0."""
+        """From the first worker's fork to the first 200. psutil's create_time() counts from the
+        kernel's boot time, which it knows only to the second, so it is never compared with our
+        clock: the fork comes as an offset from the master's own create_time() (same base, 10 ms
+        ticks), and the master was spawned at self.t0."""
         try:
             master = psutil.Process(self.pid)
             children = master.children()
@@ -212,7 +284,7 @@ class Server:
             return None
 
     def stop(self) -> None:
-        """SIGTERM while idle, timed to the master's exit; then make sure the whole group is gone."""
+        """SIGTERM while idle, timed to the master's exit; then make sure the group is gone."""
         self._closed = True
         try:
             self.running.workers_listening_for_signals()  # not part of the stop being timed
@@ -222,7 +294,7 @@ class Server:
         finally:
             self.running.close()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc) -> None:

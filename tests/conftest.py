@@ -202,7 +202,7 @@ def image_context(chapter: manifest.Chapter, scratch: Path) -> Path:
     if chapter.location is None:
         return manifest.ROOT
     context = scratch / chapter.name
-    for name in ("Dockerfile", ".dockerignore", "requirements.txt"):
+    for name in ("Dockerfile", ".dockerignore", "requirements.txt", "requirements.lock"):
         (context / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(manifest.ROOT / name, context / name)
     shutil.copytree(chapter.folder, context / "chapters" / chapter.name,

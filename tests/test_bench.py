@@ -2,28 +2,38 @@
 
 Speed is measured by the bench and discussed in docs/performance.md; no test here asserts a timing.
 """
+import copy
 import json
 import shutil
 import subprocess
 import sys
 
+from bench import report
 from helpers import missing
 
 from tutorial import chapters
 
 ROOT = chapters.ROOT
+RESULTS = ROOT / "bench" / "results"
+KNOBS = {"worker", "access_log", "json", "reuse_port", "workers"}
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    if shutil.which("wrk") is None:
+        missing("wrk", "apt-get install wrk (Debian/Ubuntu) or brew install wrk (macOS); see bench/README.md")
+    done = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 def test_bench_smoke_writes_well_formed_results(tmp_path):
-    """`python -m bench --smoke` runs one variant for 1 s per path and writes results.json, table.md and a PNG."""
-    if shutil.which("wrk") is None:
-        missing("wrk", "apt-get install wrk (Debian/Ubuntu) or brew install wrk (macOS); see bench/README.md")
-    docs_chart = ROOT / "docs" / "img" / "bench.png"
+    """`python -m bench --smoke` runs one variant for 1 s per path and writes results.json, the
+    tables and an SVG chart per question."""
+    docs_chart = ROOT / "docs" / "img" / "bench-root.svg"
     before = docs_chart.stat().st_mtime_ns if docs_chart.exists() else None
 
-    done = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=150)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_bench("--smoke", "--out", str(tmp_path))
     assert "[ 1/1]" in done.stdout, "no progress line:\n" + done.stdout
 
     results = json.loads((tmp_path / "results.json").read_text())
@@ -31,6 +41,9 @@ def test_bench_smoke_writes_well_formed_results(tmp_path):
     assert results["settings"]["chapter"] == chapters.latest().name
     assert results["settings"]["sample_users"] >= 1000
     assert results["versions"]["aiohttp"] != "missing" and results["versions"]["wrk"] != "missing"
+    # Every knob of the chapter, as Gunicorn resolves it, reuse_port included.
+    assert set(results["chapter_settings"]) == KNOBS
+    assert None not in results["chapter_settings"].values(), results["chapter_settings"]
     [variant] = results["variants"]
     [run] = variant["runs"]
     assert run["exit_code"] == 0, "the chapter did not stop cleanly on SIGTERM"
@@ -47,7 +60,52 @@ def test_bench_smoke_writes_well_formed_results(tmp_path):
 
     table = (tmp_path / "table.md").read_text()
     assert "**GET /users/{id}**" in table and f"`{variant['key']}`" in table
-    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("chart-root.svg", "chart-users.svg"):
+        assert "<svg" in (tmp_path / name).read_text()[:1000], name
     # A smoke run leaves the committed results and the docs' copy of the chart alone.
     after = docs_chart.stat().st_mtime_ns if docs_chart.exists() else None
     assert after == before
+
+
+def test_bench_bare_yardstick_runs_with_the_chapters_worker_settings(tmp_path):
+    """The bare aiohttp app (bench/bare_app.py) runs with the chapter's workers, worker class,
+    access log and reuse_port, serves GET / without an error, and becomes a ratio column."""
+    run_bench("--smoke", "--only", "bare-aiohttp", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    [bare] = results["variants"]
+    assert bare["key"] == "bare-aiohttp" and bare["kind"] == "bare"
+    chapter = results["chapter_settings"]
+    for knob in ("workers", "worker", "access_log", "reuse_port"):
+        assert bare["settings"][knob] == chapter[knob], knob
+    [run] = bare["runs"]
+    assert run["/"]["rps"] > 0 and run["/"]["errors"] == 0, run["/"]
+    assert run["exit_code"] == 0
+    assert "× `bare-aiohttp`" in (tmp_path / "table-root.md").read_text()
+
+
+def test_committed_tables_and_charts_are_drawn_from_results_json_alone(tmp_path):
+    """`--from-results` on the committed results.json gives back every committed table and chart,
+    byte for byte, and the copies docs/performance.md shows: nothing on the page is typed."""
+    done = subprocess.run([sys.executable, "-m", "bench", "--from-results",
+                           str(RESULTS / "results.json"), "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    drawn = sorted(p.name for p in tmp_path.iterdir())
+    assert drawn == sorted(p.name for p in RESULTS.iterdir())
+    for name in drawn:
+        assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), (
+            f"bench/results/{name} is stale: python -m bench --from-results "
+            "bench/results/results.json")
+    for name in ("root", "users"):
+        docs = ROOT / "docs" / "img" / f"bench-{name}.svg"
+        assert docs.read_text() == (RESULTS / f"chart-{name}.svg").read_text()
+
+
+def test_report_write_leaves_the_results_it_is_given_alone(tmp_path):
+    """report.write adds the knob effects to the file it writes, not to the caller's dict."""
+    results = json.loads((RESULTS / "results.json").read_text())
+    results.pop("knobs")
+    given = copy.deepcopy(results)
+    files = report.write(results, tmp_path)
+    assert results == given
+    assert json.loads(files["json"].read_text())["knobs"] == report.knob_effects(given)

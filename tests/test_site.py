@@ -231,4 +231,31 @@ def test_no_code_block_on_a_chapter_page_scrolls_sideways(browser, site_url):
     WIDE_SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(WIDE_SCREENSHOT), full_page=True)
     assert wide == [], "\n".join(wide)
+
+
+def test_performance_charts_read_at_the_page_width(browser, site_url):
+    """At 1280 px each benchmark chart fits its column without scrolling, is drawn near its own
+    width (so 10 pt text stays about 12 px), and has its table of numbers right after it. The
+    screenshot in test-output/ is for a human to look at."""
+    page, recorder = browser
+    page.goto(f"{site_url}performance/")
+    page.wait_for_load_state("load")
+    charts = page.locator("article img[src*='img/bench-']")
+    assert charts.count() == 2
+    for i in range(charts.count()):
+        shown = charts.nth(i).evaluate(
+            """img => {
+                const box = img.closest('p').getBoundingClientRect();
+                let next = img.closest('p').nextElementSibling;
+                return {natural: img.naturalWidth, width: img.getBoundingClientRect().width,
+                        column: box.width, next: next && next.querySelector('table') ? 'table'
+                                                   : next && next.tagName};
+            }""")
+        assert shown["natural"] > 0, shown
+        assert shown["width"] <= shown["column"] + 1, shown
+        assert shown["width"] >= 0.8 * shown["natural"], f"chart shrunk to be unreadable: {shown}"
+        assert shown["next"] == "table", shown
+    shot = manifest.ROOT / "test-output" / "performance.png"
+    shot.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
     recorder.assert_clean()

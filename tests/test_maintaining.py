@@ -1,0 +1,205 @@
+"""What MAINTAINING.md promises: hashed locks that agree with the pins, a .venv bootstrap that
+refuses an old Python and rebuilds a broken .venv, one ruff everywhere, and a freshness report."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from helpers import missing
+
+from tutorial import chapters, freshness
+
+ROOT = chapters.ROOT
+TOP_LEVEL = {
+    "requirements.txt": "requirements.lock",
+    "requirements-run.txt": "requirements-run.lock",
+    "requirements-dev.txt": "requirements-dev.lock",
+}
+
+
+def pins(path: Path) -> dict[str, str]:
+    """name -> version of every `name==version` line of a requirements file, following -r."""
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            found |= pins(path.parent / line[3:].strip())
+        elif "==" in line:
+            name, _, version = line.partition("==")
+            found[canonical(name)] = version.split(";")[0].strip()
+    return found
+
+
+def locked(path: Path) -> dict[str, set[str]]:
+    """name -> versions in a lock (a universal lock may hold one version per Python), each of
+    which must carry at least one hash."""
+    found: dict[str, set[str]] = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", path.read_text()):
+        head = block.split("\n")[0]
+        if head.startswith("#") or "==" not in head:
+            continue
+        name, _, rest = head.partition("==")
+        assert "--hash=sha256:" in block, f"{path.name}: {name} has no hash"
+        found.setdefault(canonical(name), set()).add(rest.split()[0].rstrip("\\;"))
+    return found
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_pin_is_in_its_lock_at_its_version_and_the_locks_agree():
+    """Each lock holds every pin of its requirements file at that version, with hashes; the
+    service lock is within the run lock, and the run lock within the dev lock, version for
+    version, so installing a bigger tier never moves a package."""
+    locks = {name: locked(ROOT / lock) for name, lock in TOP_LEVEL.items()}
+    for name, lock in TOP_LEVEL.items():
+        for package, version in pins(ROOT / name).items():
+            assert locks[name].get(package) == {version}, f"{lock}: {package} is not {version}"
+    for small, big in [
+        ("requirements.txt", "requirements-run.txt"),
+        ("requirements-run.txt", "requirements-dev.txt"),
+    ]:
+        for package, versions in locks[small].items():
+            assert locks[big].get(package) == versions, f"{package}: {small} and {big} differ"
+
+
+def test_pre_commit_runs_the_pinned_ruff():
+    """.pre-commit-config.yaml runs the ruff requirements-dev.txt pins, as `make lint` does."""
+    config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    [repo] = [r for r in config["repos"] if r["repo"].endswith("/ruff-pre-commit")]
+    assert repo["rev"] == "v" + pins(ROOT / "requirements-dev.txt")["ruff"]
+    assert {h["id"] for h in repo["hooks"]} == {"ruff-check", "ruff-format"}
+
+
+def test_ci_lints_the_tree_and_runs_freshness_weekly():
+    """.ci/run and the workflow's lint job run ruff check and ruff format --check on the whole
+    tree; the scheduled freshness job keeps its report as an artifact."""
+    assert "make lint" in (ROOT / ".ci" / "run").read_text()
+    make = subprocess.run(["make", "-n", "lint"], cwd=ROOT, capture_output=True, text=True)
+    assert "ruff check ." in make.stdout and "ruff format --check ." in make.stdout, make.stdout
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    runs = [s.get("run", "") for s in workflow["jobs"]["lint"]["steps"]]
+    assert any(r.startswith("ruff check") for r in runs) and "ruff format --check ." in runs
+    assert workflow[True]["schedule"], "no schedule: yaml reads `on` as True"
+    fresh = workflow["jobs"]["freshness"]
+    assert "schedule" in fresh["if"]
+    assert any("tutorial.freshness" in s.get("run", "") for s in fresh["steps"])
+    assert any(s.get("uses", "").startswith("actions/upload-artifact") for s in fresh["steps"])
+
+
+# -- tutorial/venv.sh, on a copy of the repository with empty locks (nothing to download) ----------
+def pyenv_python(version: str) -> str:
+    root = (
+        shutil.which("pyenv")
+        and subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
+    )
+    found = sorted(Path(root).glob(f"versions/{version}.*/bin/python3")) if root else []
+    if not found:
+        missing(f"Python {version}", f"pyenv install {version}")
+    return str(found[-1])
+
+
+def bootstrap(repo: Path, python: str, explicit: str = "0") -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    return subprocess.run(
+        ["bash", "tutorial/venv.sh", python, explicit, "run"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def empty_repo(tmp_path: Path) -> Path:
+    (tmp_path / "tutorial").mkdir()
+    shutil.copy(ROOT / "tutorial" / "venv.sh", tmp_path / "tutorial" / "venv.sh")
+    for lock in TOP_LEVEL.values():
+        (tmp_path / lock).write_text("# nothing to install\n")
+    return tmp_path
+
+
+def test_venv_refuses_an_old_python_in_one_line_and_makes_nothing(tmp_path):
+    repo = empty_repo(tmp_path)
+    old = pyenv_python("3.10")
+    done = bootstrap(repo, old, "1")
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("Python 3.11 or newer is needed") and "is Python 3.10." in line, line
+    assert not (repo / ".venv").exists()
+
+
+def test_venv_rebuilds_an_unfinished_install_and_another_python(tmp_path):
+    """A .venv an install did not finish is rebuilt; so is one from another Python than the one
+    named on the command line; a finished one is reused without a word."""
+    repo = empty_repo(tmp_path)
+    python = sys.executable
+    first = bootstrap(repo, python)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert re.search(r"\.venv is ready: .* installed in \d+ s", first.stdout), first.stdout
+    assert bootstrap(repo, python).stdout == ""  # nothing to do
+    (repo / ".venv" / ".complete").unlink()  # as a failed pip leaves it
+    again = bootstrap(repo, python)
+    assert "rebuilding .venv: an install into it did not finish" in again.stdout, again.stdout
+    other = pyenv_python("3.12" if sys.version_info[:2] != (3, 12) else "3.13")
+    switched = bootstrap(repo, other, "1")
+    assert switched.returncode == 0, switched.stdout + switched.stderr
+    assert (
+        f"rebuilding .venv: it was made with Python {sys.version.split()[0]}, not {other}"
+        in switched.stdout
+    ), switched.stdout
+
+
+# -- tutorial/freshness.py's report, from a real pytest run ----------------------------------------
+def test_freshness_reads_verdicts_and_names_the_errata_that_changed(tmp_path):
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_broken(): assert False\n"
+        "@pytest.mark.skip(reason='x')\n"
+        "def test_skipped(): pass\n"
+        "class TestGroup:\n"
+        "    @pytest.mark.parametrize('n', [1, 2])\n"
+        "    def test_n(self, n): assert n == 1\n"
+    )
+    junit = tmp_path / "out.xml"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "junit_family=xunit1",
+            f"--junitxml={junit}",
+            "test_sample.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    assert freshness.verdicts(junit) == {
+        "test_sample.py::test_ok": "passed",
+        "test_sample.py::test_broken": "failed",
+        "test_sample.py::test_skipped": "skipped",
+        "test_sample.py::TestGroup::test_n[1]": "passed",
+        "test_sample.py::TestGroup::test_n[2]": "failed",
+    }
+    erratum = "tests/test_errata.py::test_erratum_11_x"
+    versions = dict.fromkeys(freshness.WATCHED, "1.0")
+    text = freshness.report(
+        versions,
+        {**versions, "aiohttp": "2.0"},
+        {erratum: "failed", "tests/test_01.py::test_y": "passed"},
+        {erratum: "passed", "tests/test_01.py::test_y": "passed"},
+        1.0,
+    )
+    assert f"- `{erratum}`: passed -> failed" in text
+    assert "no longer reproduce" in text and "`test_erratum_11_x`" in text
+    assert "| aiohttp | 1.0 | 2.0 |" in text and "| asyncpg | 1.0 | 1.0 (same) |" in text
