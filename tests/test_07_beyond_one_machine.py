@@ -5,6 +5,7 @@ Gunicorn replicas) fails no request.
 The static tests read chapter 07's own files through tutorial/budget.py; each invariant is also
 checked on a broken copy, so a check that could never fail would show here.
 """
+
 import asyncio
 import contextlib
 import dataclasses
@@ -50,7 +51,9 @@ def test_images_are_pinned():
             continue
         for container in doc["spec"]["template"]["spec"]["containers"]:
             repo, _, tag = container["image"].rpartition(":")
-            assert repo and tag and tag != "latest", f"{name}: image {container['image']} is not pinned"
+            assert repo and tag and tag != "latest", (
+                f"{name}: image {container['image']} is not pinned"
+            )
 
 
 def test_the_pod_runs_locked_down():
@@ -67,7 +70,11 @@ def test_the_pod_runs_locked_down():
     assert "secretKeyRef" in env["DATABASE_URL"]["valueFrom"]
     assert env["WEB_CONCURRENCY"]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
     assert env["DB_STATEMENT_CACHE_SIZE"]["value"] == "0"
-    assert {"cpu", "memory"} <= set(container["resources"]["requests"]) <= set(container["resources"]["limits"])
+    assert (
+        {"cpu", "memory"}
+        <= set(container["resources"]["requests"])
+        <= set(container["resources"]["limits"])
+    )
 
 
 # -- static proof: the numbers, each check also shown to fail on a broken copy ------------------------------
@@ -81,21 +88,28 @@ def test_grace_period_covers_prestop_and_graceful_timeout():
 def test_probes_ask_the_right_paths_on_the_right_port():
     """startup and liveness on /health, readiness on /ready, all on the container's port."""
     assert budget.probe_problems(FLEET) == []
-    broken = dataclasses.replace(FLEET, readiness=dataclasses.replace(FLEET.readiness, path="/health", port=9090))
+    broken = dataclasses.replace(
+        FLEET, readiness=dataclasses.replace(FLEET.readiness, path="/health", port=9090)
+    )
     assert budget.probe_problems(broken) == [
         "readinessProbe asks /health, the service answers it on /ready",
-        f"readinessProbe probes port 9090 (9090), the container listens on {FLEET.container_port}"]
+        f"readinessProbe probes port 9090 (9090), the container listens on {FLEET.container_port}",
+    ]
 
 
 def test_a_rollout_never_goes_below_the_replica_count():
     """maxUnavailable 0 and maxSurge at least 1."""
     assert budget.rollout_problem(FLEET) is None
-    assert "maxUnavailable 1" in budget.rollout_problem(dataclasses.replace(FLEET, max_unavailable=1))
+    assert "maxUnavailable 1" in budget.rollout_problem(
+        dataclasses.replace(FLEET, max_unavailable=1)
+    )
 
 
 def test_the_pdb_allows_one_disruption_and_keeps_the_rest():
     assert budget.pdb_problem(FLEET) is None
-    assert "allows 0 disruptions" in budget.pdb_problem(dataclasses.replace(FLEET, pdb_max_unavailable=0))
+    assert "allows 0 disruptions" in budget.pdb_problem(
+        dataclasses.replace(FLEET, pdb_max_unavailable=0)
+    )
 
 
 def test_every_pool_fits_in_pgbouncer_during_a_rollout():
@@ -104,22 +118,27 @@ def test_every_pool_fits_in_pgbouncer_during_a_rollout():
     broken = dataclasses.replace(FLEET, replicas=12)
     assert budget.client_budget_problem(broken) == (
         f"(replicas 12 + maxSurge 1) x workers {FLEET.workers} x max_size {FLEET.pool_max} = "
-        f"{13 * FLEET.workers * FLEET.pool_max} > PgBouncer's max_client_conn {FLEET.max_client_conn}")
+        f"{13 * FLEET.workers * FLEET.pool_max} > PgBouncer's max_client_conn {FLEET.max_client_conn}"
+    )
 
 
 def test_pgbouncer_server_pool_fits_in_postgresql():
     """PgBouncer's server pool <= max_connections - superuser_reserved_connections, in transaction mode."""
     assert budget.server_budget_problem(FLEET) is None, budget.server_budget_problem(FLEET)
-    broken = dataclasses.replace(FLEET, pgbouncer={**FLEET.pgbouncer, "default_pool_size": "120",
-                                                   "max_db_connections": "0"})
+    broken = dataclasses.replace(
+        FLEET, pgbouncer={**FLEET.pgbouncer, "default_pool_size": "120", "max_db_connections": "0"}
+    )
     assert budget.server_budget_problem(broken) == (
-        "PgBouncer's server pool 120 > PostgreSQL's max_connections 100 - reserved 3 = 97")
+        "PgBouncer's server pool 120 > PostgreSQL's max_connections 100 - reserved 3 = 97"
+    )
 
 
 # -- live proof: PgBouncer and asyncpg ------------------------------------------------------------------------
 async def hammer(dsn: str, statement_cache_size: int, requests: int = 300) -> list[Exception]:
     """Many concurrent parameterised queries through ten pooled connections; the errors they raise."""
-    pool = await asyncpg.create_pool(dsn, min_size=10, max_size=10, statement_cache_size=statement_cache_size)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=10, max_size=10, statement_cache_size=statement_cache_size
+    )
     errors = []
 
     async def one():
@@ -141,16 +160,26 @@ async def test_default_statement_cache_fails_through_pgbouncer_in_transaction_mo
     transaction mode; the chapter's DB_STATEMENT_CACHE_SIZE=0 does not."""
     errors = await hammer(fleet.database_url, statement_cache_size=100)
     assert errors, "the default statement cache worked through PgBouncer in transaction mode"
-    assert {type(e) for e in errors} <= {asyncpg.InvalidSQLStatementNameError, asyncpg.DuplicatePreparedStatementError}
-    assert any(re.match(r'prepared statement "__asyncpg_stmt_\d+__" does not exist', str(e)) for e in errors)
+    assert {type(e) for e in errors} <= {
+        asyncpg.InvalidSQLStatementNameError,
+        asyncpg.DuplicatePreparedStatementError,
+    }
+    assert any(
+        re.match(r'prepared statement "__asyncpg_stmt_\d+__" does not exist', str(e))
+        for e in errors
+    )
     assert await hammer(fleet.database_url, statement_cache_size=0) == []
 
 
 async def test_postgresql_sees_at_most_pgbouncer_pool_however_many_clients(fleet):
     """Five pools of max_size 10 busy at once (50 clients of PgBouncer) hold at most the server pool
     at PostgreSQL."""
-    pools = [await asyncpg.create_pool(fleet.database_url, min_size=10, max_size=10, statement_cache_size=0)
-             for _ in range(5)]
+    pools = [
+        await asyncpg.create_pool(
+            fleet.database_url, min_size=10, max_size=10, statement_cache_size=0
+        )
+        for _ in range(5)
+    ]
     peak = 0
 
     async def busy(pool):
@@ -166,7 +195,9 @@ async def test_postgresql_sees_at_most_pgbouncer_pool_however_many_clients(fleet
     finally:
         for pool in pools:
             await pool.close()
-    assert 0 < peak <= FLEET.server_pool < 50, f"PostgreSQL held {peak} connections; the pool is {FLEET.server_pool}"
+    assert 0 < peak <= FLEET.server_pool < 50, (
+        f"PostgreSQL held {peak} connections; the pool is {FLEET.server_pool}"
+    )
 
 
 async def test_a_replica_names_itself_in_pg_stat_activity(fleet, monkeypatch):
@@ -178,9 +209,12 @@ async def test_a_replica_names_itself_in_pg_stat_activity(fleet, monkeypatch):
     try:
         query = asyncio.ensure_future(pool.execute("SELECT pg_sleep(1)"))
         await asyncio.sleep(0.3)
-        active = await asyncio.to_thread(execute, fleet.postgres.dsn(fleet_module.DATABASE),
-                                         "SELECT application_name FROM pg_stat_activity WHERE state = 'active' "
-                                         "AND query LIKE 'SELECT pg_sleep%'")
+        active = await asyncio.to_thread(
+            execute,
+            fleet.postgres.dsn(fleet_module.DATABASE),
+            "SELECT application_name FROM pg_stat_activity WHERE state = 'active' "
+            "AND query LIKE 'SELECT pg_sleep%'",
+        )
         await query
     finally:
         await pool.close()
@@ -189,14 +223,22 @@ async def test_a_replica_names_itself_in_pg_stat_activity(fleet, monkeypatch):
 
 # -- live proof: the rehearsed rollout -------------------------------------------------------------------------
 def events_of(report: dict, name: str) -> dict[str, float]:
-    return {e["event"].split(" (")[0].split(":")[0]: e["t"] for e in report["events"] if e["replica"] == name}
+    return {
+        e["event"].split(" (")[0].split(":")[0]: e["t"]
+        for e in report["events"]
+        if e["replica"] == name
+    }
 
 
-LAST_LINE = re.compile(r"^rollout: (?P<n>\d+) requests, (?P<f>\d+) failed, p99 [\d.]+ ms before, [\d.]+ ms during; "
-                       r"(?P<c>\d+) PostgreSQL connections at most \(budget (?P<b>\d+)\)$")
+LAST_LINE = re.compile(
+    r"^rollout: (?P<n>\d+) requests, (?P<f>\d+) failed, p99 [\d.]+ ms before, [\d.]+ ms during; "
+    r"(?P<c>\d+) PostgreSQL connections at most \(budget (?P<b>\d+)\)$"
+)
 
 
-def test_make_fleet_then_make_rollout_fails_no_request_and_ctrl_c_leaves_nothing(fleet_tools, tmp_path):
+def test_make_fleet_then_make_rollout_fails_no_request_and_ctrl_c_leaves_nothing(
+    fleet_tools, tmp_path
+):
     """`make fleet`, then `make rollout` in a second terminal: every replica replaced under steady load in
     Kubernetes' order with the manifests' numbers and no failed request; each old replica leaves the
     load balancer before its SIGTERM and exits within its grace period; PostgreSQL never holds more than
@@ -204,22 +246,42 @@ def test_make_fleet_then_make_rollout_fails_no_request_and_ctrl_c_leaves_nothing
     env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
     log = tmp_path / "fleet.log"
     with open(log, "w") as out:
-        fleet_proc = subprocess.Popen([sys.executable, "-m", "tutorial.fleet"], cwd=chapters.ROOT, env=env,
-                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        fleet_proc = subprocess.Popen(
+            [sys.executable, "-m", "tutorial.fleet"],
+            cwd=chapters.ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for_output(log, fleet_proc, "Try:")
         old = {r[0] for r in state_of(tmp_path)["replicas"].values()}
-        result = subprocess.run([sys.executable, "-m", "tutorial.rollout", "--out", str(tmp_path / "out")],
-                                cwd=chapters.ROOT, env=env, capture_output=True, text=True, timeout=150, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "tutorial.rollout", "--out", str(tmp_path / "out")],
+            cwd=chapters.ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=150,
+            check=False,
+        )
         lines = result.stdout.strip().splitlines()
-        assert result.returncode == 0 and "taking over the make fleet" in result.stdout, result.stdout + result.stderr
+        assert result.returncode == 0 and "taking over the make fleet" in result.stdout, (
+            result.stdout + result.stderr
+        )
         last = LAST_LINE.match(lines[-1])
         assert last and last["f"] == "0" and int(last["n"]) >= 1000, lines[-1]
         assert 0 < int(last["c"]) <= int(last["b"]) == FLEET.server_pool, lines[-1]
         report = json.loads((tmp_path / "out" / "chapter.json").read_text())
         for name in old:
             seen = events_of(report, name)
-            assert seen["terminating"] < seen["out of the load balancer"] < seen["SIGTERM"] < seen["exited"], seen
+            assert (
+                seen["terminating"]
+                < seen["out of the load balancer"]
+                < seen["SIGTERM"]
+                < seen["exited"]
+            ), seen
             assert seen["SIGTERM"] - seen["terminating"] >= FLEET.prestop - 0.1
             assert seen["exited"] - seen["terminating"] < FLEET.grace, seen
         replicas = state_of(tmp_path)["replicas"]
@@ -242,8 +304,12 @@ def state_of(tmp_path) -> dict:
 
 def wait_for_output(log, proc, needle: str, timeout: float = 90) -> None:
     with contextlib.suppress(TimeoutError):  # the assert below says what was printed instead
-        waiting.until(lambda: needle in log.read_text() or proc.poll() is not None, timeout=timeout,
-                      every=0.1, waiting_for=repr(needle))
+        waiting.until(
+            lambda: needle in log.read_text() or proc.poll() is not None,
+            timeout=timeout,
+            every=0.1,
+            waiting_for=repr(needle),
+        )
     assert needle in log.read_text(), log.read_text()
 
 
@@ -266,10 +332,18 @@ def test_a_surge_replica_that_never_becomes_ready_stops_the_rollout(fleet):
     progressDeadlineSeconds to 6 s), the old replicas keep serving and no request fails."""
     before = {slot: r.name for slot, r in fleet.replicas.items()}
     wrong = fleet.database_url.rsplit("/", 1)[0] + "/no_such_database"
-    report = rollout.rehearse(fleet, "chapter", surge_env={"DATABASE_URL": wrong}, progress_deadline=6,
-                              baseline=1.5, say=lambda message: None)
+    report = rollout.rehearse(
+        fleet,
+        "chapter",
+        surge_env={"DATABASE_URL": wrong},
+        progress_deadline=6,
+        baseline=1.5,
+        say=lambda message: None,
+    )
     assert report["failed"] == 0 and report["requests"] > 0, report["failed_by_kind"]
-    assert report["stopped"] and re.match(r"rollout stopped: users-\d+ not ready after 6 s", report["stopped"])
+    assert report["stopped"] and re.match(
+        r"rollout stopped: users-\d+ not ready after 6 s", report["stopped"]
+    )
     assert {slot: r.name for slot, r in fleet.replicas.items()} == before
     assert not any(e["event"] == "terminating" for e in report["events"])
 
@@ -279,7 +353,10 @@ def test_pgbouncer_stopped_under_load_turns_ready_to_503_and_back_without_restar
     READY_TIMEOUT, nothing answers 500, /health stays 200; once it is back every replica is ready again
     with the same processes."""
     app = load_app_constants()
-    pids = {r.name: {p.pid for p in psutil.Process(r.proc.pid).children()} for r in fleet.replicas.values()}
+    pids = {
+        r.name: {p.pid for p in psutil.Process(r.proc.pid).children()}
+        for r in fleet.replicas.values()
+    }
     load = rollout.Load(fleet.url, fleet.admin_dsn, rate=100).start()
     time.sleep(1)
     fleet.stop_pgbouncer()
@@ -299,7 +376,10 @@ def test_pgbouncer_stopped_under_load_turns_ready_to_503_and_back_without_restar
     finally:
         load.stop()
     assert load.statuses[200] > 0 and set(load.statuses) <= {200, 503}, load.statuses
-    assert {r.name: {p.pid for p in psutil.Process(r.proc.pid).children()} for r in fleet.replicas.values()} == pids
+    assert {
+        r.name: {p.pid for p in psutil.Process(r.proc.pid).children()}
+        for r in fleet.replicas.values()
+    } == pids
 
 
 def load_app_constants() -> dict:
@@ -311,28 +391,49 @@ def test_make_fleet_without_haproxy_says_what_to_install(tmp_path, command):
     """`make fleet` and `make rollout` without haproxy and pgbouncer: one line naming the packages,
     exit 1, and nothing started."""
     code = f"import sys, tutorial.fleet as f, tutorial.{command} as m; f.SBIN = ''; sys.exit(m.main([]))"
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable), "TUTORIAL_DATA_DIR": str(tmp_path),
-           "PORT": str(process.free_port())}
-    result = subprocess.run([sys.executable, "-c", code], cwd=chapters.ROOT, env=env, capture_output=True,
-                            text=True, timeout=30, check=False)
+    env = {
+        **os.environ,
+        "PATH": os.path.dirname(sys.executable),
+        "TUTORIAL_DATA_DIR": str(tmp_path),
+        "PORT": str(process.free_port()),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=chapters.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert result.returncode == 1 and len(lines) == 1, result.stdout + result.stderr
     assert "apt install haproxy pgbouncer" in lines[0] and "brew install" in lines[0]
     assert not (tmp_path / "fleet" / "postgres").exists()
 
 
-def interrupted(argv: list[str], tmp_path, wait_for: str, timeout: float = 90) -> tuple[str, list[int]]:
+def interrupted(
+    argv: list[str], tmp_path, wait_for: str, timeout: float = 90
+) -> tuple[str, list[int]]:
     """Run `argv` as make would, press Ctrl-C once `wait_for` is printed; its output and every pid it
     had started."""
     env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
     log = tmp_path / "out.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, *argv], cwd=chapters.ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=chapters.ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for_output(log, proc, wait_for, timeout)
         started = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-        assert len(started) > 4, started  # PostgreSQL, PgBouncer, HAProxy, the replicas and their workers
+        assert len(started) > 4, (
+            started
+        )  # PostgreSQL, PgBouncer, HAProxy, the replicas and their workers
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's foreground group
         proc.wait(60)
     finally:

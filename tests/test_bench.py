@@ -2,15 +2,16 @@
 
 Speed is measured by the bench and discussed in docs/performance.md; no test here asserts a timing.
 """
+
 import copy
 import json
 import shutil
 import subprocess
 import sys
 
-from bench import report
 from helpers import missing
 
+from bench import report
 from tutorial import chapters
 
 ROOT = chapters.ROOT
@@ -20,9 +21,17 @@ KNOBS = {"worker", "access_log", "json", "reuse_port", "workers"}
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     if shutil.which("wrk") is None:
-        missing("wrk", "apt-get install wrk (Debian/Ubuntu) or brew install wrk (macOS); see bench/README.md")
-    done = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=150)
+        missing(
+            "wrk",
+            "apt-get install wrk (Debian/Ubuntu) or brew install wrk (macOS); see bench/README.md",
+        )
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -86,16 +95,29 @@ def test_bench_bare_yardstick_runs_with_the_chapters_worker_settings(tmp_path):
 def test_committed_tables_and_charts_are_drawn_from_results_json_alone(tmp_path):
     """`--from-results` on the committed results.json gives back every committed table and chart,
     byte for byte, and the copies docs/performance.md shows: nothing on the page is typed."""
-    done = subprocess.run([sys.executable, "-m", "bench", "--from-results",
-                           str(RESULTS / "results.json"), "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--from-results",
+            str(RESULTS / "results.json"),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     drawn = sorted(p.name for p in tmp_path.iterdir())
     assert drawn == sorted(p.name for p in RESULTS.iterdir())
     for name in drawn:
         assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), (
             f"bench/results/{name} is stale: python -m bench --from-results "
-            "bench/results/results.json")
+            "bench/results/results.json"
+        )
     for name in ("root", "users"):
         docs = ROOT / "docs" / "img" / f"bench-{name}.svg"
         assert docs.read_text() == (RESULTS / f"chart-{name}.svg").read_text()

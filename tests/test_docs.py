@@ -4,6 +4,7 @@ chapter page comes from the chapter's files, every diff is the real diff, every 
 The site is built once per session by the `built_site` fixture (conftest.py); tests/test_site.py opens
 the same build in a browser.
 """
+
 from __future__ import annotations
 
 import html
@@ -46,13 +47,20 @@ def code_blocks(markdown: str) -> list[dict]:
         found = FENCE.match(line)
         if current is None and found:
             title = TITLE.search(found.group("attrs"))
-            current = {"fence": found.group("fence"), "indent": found.group("indent"), "lang": found.group("lang"),
-                       "title": title.group("title") if title else None, "body": []}
+            current = {
+                "fence": found.group("fence"),
+                "indent": found.group("indent"),
+                "lang": found.group("lang"),
+                "title": title.group("title") if title else None,
+                "body": [],
+            }
         elif current is not None and line.strip() == current["fence"]:
             blocks.append(current)
             current = None
         elif current is not None:
-            body_line = line[len(current["indent"]):] if line.startswith(current["indent"]) else line
+            body_line = (
+                line[len(current["indent"]) :] if line.startswith(current["indent"]) else line
+            )
             current["body"].append(body_line)
     assert current is None, f"an unclosed code block: {current}"
     return blocks
@@ -79,10 +87,18 @@ def resolve(path: str) -> Path | None:
 
 def rendered_blocks(page_html: str, lang: str) -> list[tuple[str, str]]:
     """(title, text) of each highlighted block of a language, as the reader sees it."""
-    pattern = re.compile(rf'<div class="language-{lang} highlight">(?:<span class="filename">(?P<title>[^<]*)</span>)?'
-                         r"<pre>.*?<code>(?P<code>.*?)</code></pre>", re.S)
-    return [(html.unescape(m.group("title") or ""), html.unescape(re.sub(r"<[^>]+>", "", m.group("code"))))
-            for m in pattern.finditer(page_html)]
+    pattern = re.compile(
+        rf'<div class="language-{lang} highlight">(?:<span class="filename">(?P<title>[^<]*)</span>)?'
+        r"<pre>.*?<code>(?P<code>.*?)</code></pre>",
+        re.S,
+    )
+    return [
+        (
+            html.unescape(m.group("title") or ""),
+            html.unescape(re.sub(r"<[^>]+>", "", m.group("code"))),
+        )
+        for m in pattern.finditer(page_html)
+    ]
 
 
 # -- the build ---------------------------------------------------------------------------------------------
@@ -115,7 +131,9 @@ def test_every_chapter_page_names_a_chapter_that_exists():
     for page in pages:
         assert page.stem in known, f"docs/chapters/{page.name} names no chapter in chapters.toml"
         assert known[page.stem].folder.is_dir()
-        assert page.read_text().startswith(f"# {known[page.stem].number} · {known[page.stem].title}\n")
+        assert page.read_text().startswith(
+            f"# {known[page.stem].number} · {known[page.stem].title}\n"
+        )
 
 
 def test_chapter_pages_link_their_neighbours(built_site):
@@ -124,7 +142,11 @@ def test_chapter_pages_link_their_neighbours(built_site):
     for at, chapter in enumerate(CHAPTERS):
         page = built_site.page(page_url(chapter))
         before = f'href="../{CHAPTERS[at - 1].name}/"' if at else 'href="../../"'
-        after = f'href="../{CHAPTERS[at + 1].name}/"' if at + 1 < len(CHAPTERS) else 'href="../../errata/"'
+        after = (
+            f'href="../{CHAPTERS[at + 1].name}/"'
+            if at + 1 < len(CHAPTERS)
+            else 'href="../../errata/"'
+        )
         [links] = re.findall(r"<p>Previous: (.*?)</p>", page, re.S)
         assert before in links and after in links, f"{chapter.name}: {links}"
 
@@ -150,11 +172,17 @@ def test_code_on_a_chapter_page_is_included_from_its_files(page_of):
         body = [line for line in block["body"] if line.strip()]
         where = f"{chapter.name}.md, a {block['lang'] or 'plain'} block titled {block['title']!r}"
         assert block["lang"], f"{where}: every block names its language"
-        assert len(body) == 1 and INCLUDE.match(body[0].strip()), f"{where} is typed, not included:\n" + "\n".join(body)
+        assert len(body) == 1 and INCLUDE.match(body[0].strip()), (
+            f"{where} is typed, not included:\n" + "\n".join(body)
+        )
         path = INCLUDE.match(body[0].strip()).group("path")
-        assert path.startswith(f"{chapter.name}/") or "/" not in path, f"{where} includes {path}, not this chapter's"
+        assert path.startswith(f"{chapter.name}/") or "/" not in path, (
+            f"{where} includes {path}, not this chapter's"
+        )
         assert resolve(path), f"{where}: {path} does not exist"
-        assert block["title"] == (f"chapters/{path}" if "/" in path else path), f"{where}: title is not the file"
+        assert block["title"] == (f"chapters/{path}" if "/" in path else path), (
+            f"{where}: title is not the file"
+        )
         shown += 1
     assert shown, f"{chapter.name}.md shows no code from its chapter"
 
@@ -170,8 +198,9 @@ def test_every_included_file_and_section_exists():
             if section:
                 text = found.read_text()
                 for kind in ("start", "end"):
-                    assert f"--8<-- [{kind}:{section}]" in text, \
+                    assert f"--8<-- [{kind}:{section}]" in text, (
                         f"{page.relative_to(ROOT)}: {path} has no [{kind}:{section}] marker"
+                    )
     assert seen >= len(CHAPTERS)
 
 
@@ -180,16 +209,23 @@ def test_included_code_reaches_the_page(built_site, page_of):
     """The built page holds each included section, with the snippet markers stripped."""
     chapter = page_of
     page = built_site.page(page_url(chapter))
-    rendered = "\n".join(text for lang in ("python", "sql", "dockerfile", "text", "toml", "ini", "yaml")
-                         for _, text in rendered_blocks(page, lang))
+    rendered = "\n".join(
+        text
+        for lang in ("python", "sql", "dockerfile", "text", "toml", "ini", "yaml")
+        for _, text in rendered_blocks(page, lang)
+    )
     for path, section in includes(page_source(chapter).read_text()):
         text = resolve(path).read_text()
         if section:
-            text = text.split(f"--8<-- [start:{section}]\n", 1)[1].split(f"--8<-- [end:{section}]", 1)[0]
+            text = text.split(f"--8<-- [start:{section}]\n", 1)[1].split(
+                f"--8<-- [end:{section}]", 1
+            )[0]
             text = text.rsplit("\n", 1)[0]  # the `# ` before the end marker
         for line in text.splitlines():
             if line.strip() and "--8<--" not in line:
-                assert line in rendered, f"{chapter.name}: {path}:{section or ''} line {line!r} is not on the page"
+                assert line in rendered, (
+                    f"{chapter.name}: {path}:{section or ''} line {line!r} is not on the page"
+                )
 
 
 # -- the diff is generated, and matches diff(1) --------------------------------------------------------
@@ -198,8 +234,12 @@ def folder_diff(old: manifest.Chapter, new: manifest.Chapter) -> dict[str, list[
     tool = shutil.which("diff")
     if not tool:
         missing("diff", "install GNU diffutils")
-    result = subprocess.run([tool, "-ruN", "-x", "__pycache__", "-x", "*.pyc", ".", str(new.folder)],
-                            cwd=old.folder, capture_output=True, text=True)
+    result = subprocess.run(
+        [tool, "-ruN", "-x", "__pycache__", "-x", "*.pyc", ".", str(new.folder)],
+        cwd=old.folder,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode in (0, 1), result.stderr
     files: dict[str, list[str]] = {}
     current = None
@@ -272,13 +312,19 @@ def test_curl_answers_on_chapter_pages_are_real(chapter, served):
     offline = curl_answers(chapter, "without a database")
     if offline:
         port = process.free_port()
-        running = process.start(chapter, port=port, database_url=f"postgresql://postgres@127.0.0.1:{process.free_port()}/postgres",
-                                WEB_CONCURRENCY="1")
+        running = process.start(
+            chapter,
+            port=port,
+            database_url=f"postgresql://postgres@127.0.0.1:{process.free_port()}/postgres",
+            WEB_CONCURRENCY="1",
+        )
         try:
             running.wait_until("/health")
             for path, answer in offline:
                 status, body = process.get(running.url + path)
-                assert body.decode() == answer, f"{chapter.name} without a database: GET {path} answered {body!r}"
+                assert body.decode() == answer, (
+                    f"{chapter.name} without a database: GET {path} answered {body!r}"
+                )
             assert running.terminate() == 0, running.output()
         finally:
             running.close()
@@ -293,11 +339,13 @@ def test_every_erratum_has_a_section_with_links_to_its_tests(built_site):
         start = page.find(f'id="erratum-{number}"')
         assert start != -1, f"no section for erratum {number}"
         end = page.find('id="erratum-', start + 1)
-        section = page[start:end if end != -1 else len(page)]
+        section = page[start : end if end != -1 else len(page)]
         links = re.findall(r'href="\.\./tests/(test_\w+)/#(test_\w+)"', section)
         assert links, f"erratum {number} links no test"
         for module, name in links:
-            assert re.search(rf"^(async )?def {name}\(", tests.get(module, ""), re.M), f"{module}::{name} does not exist"
+            assert re.search(rf"^(async )?def {name}\(", tests.get(module, ""), re.M), (
+                f"{module}::{name} does not exist"
+            )
         for heading in ("The article says:", "What happens:", "Why:", "The fix:"):
             assert heading in section, f"erratum {number} has no {heading!r}"
 
@@ -313,18 +361,23 @@ def test_where_the_article_differs_a_chapter_says_so_and_links_the_proof(built_s
                 continue
             numbers = re.findall(r'href="\.\./\.\./errata/#erratum-(\d+)"', admonition)
             assert numbers, f"{chapter.name}: an admonition links no erratum:\n{admonition}"
-            assert re.search(r'href="\.\./\.\./tests/test_\w+/#test_\w+"', admonition), \
+            assert re.search(r'href="\.\./\.\./tests/test_\w+/#test_\w+"', admonition), (
                 f"{chapter.name}: an admonition links no test:\n{admonition}"
+            )
             pointed.update(int(n) for n in numbers)
-    assert pointed == set(ERRATA), f"errata no chapter page points at: {sorted(set(ERRATA) - pointed)}"
+    assert pointed == set(ERRATA), (
+        f"errata no chapter page points at: {sorted(set(ERRATA) - pointed)}"
+    )
 
 
 # -- pictures and the offline rule ------------------------------------------------------------------------
 def test_pictures_are_self_contained_svg_used_by_pages(built_site):
     """The process model and the shutdown timeline are SVG files that parse, load nothing from elsewhere,
     and appear on the pages that explain them."""
-    for name, pages in {"process-model.svg": ["chapters/03-gunicorn/", "reference/"],
-                        "shutdown-timeline.svg": ["chapters/05-graceful-shutdown/", "reference/"]}.items():
+    for name, pages in {
+        "process-model.svg": ["chapters/03-gunicorn/", "reference/"],
+        "shutdown-timeline.svg": ["chapters/05-graceful-shutdown/", "reference/"],
+    }.items():
         svg = (DOCS / "img" / name).read_text()
         root = ET.fromstring(svg)
         assert root.tag == "{http://www.w3.org/2000/svg}svg"
@@ -344,9 +397,16 @@ def test_the_built_site_loads_nothing_from_the_internet(built_site):
         for tag in re.findall(r"<(?:script|link|img|iframe)\b[^>]*>", text):
             if re.search(r"(src|href)=\"(https?:)?//", tag):
                 offenders.append(f"{path.relative_to(built_site.path)}: {tag}")
-        if path.suffix == ".css" and re.search(r"@import\s+url\([\"']?https?:|fonts\.googleapis", text):
+        if path.suffix == ".css" and re.search(
+            r"@import\s+url\([\"']?https?:|fonts\.googleapis", text
+        ):
             offenders.append(f"{path.relative_to(built_site.path)}: a remote stylesheet")
     assert not offenders, "\n".join(offenders)
-    config = json.loads(re.search(r'<script id="__config" type="application/json">(.*?)</script>',
-                                  built_site.page(""), re.S).group(1))
+    config = json.loads(
+        re.search(
+            r'<script id="__config" type="application/json">(.*?)</script>',
+            built_site.page(""),
+            re.S,
+        ).group(1)
+    )
     assert config["search"].startswith("../") or config["search"].startswith("assets/")

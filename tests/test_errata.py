@@ -4,6 +4,7 @@ failing the way the erratum says, and shows our chapter's way working.
 Errata 1, 3, 4, 6, 7 and 8 come first; then the containers (2, 10), shutdown and startup (5, 9, 11), logs (13).
 Erratum 11 is also covered where each chapter boots: tests/test_02_database_pool.py and test_06_health_checks.py.
 """
+
 import ast
 import asyncio
 import datetime
@@ -48,8 +49,18 @@ CH03 = chapters.get("03")
 
 # -- Erratum 1: `gunicorn app:create_app` with a plain def never serves ---------------------------------------
 def gunicorn(target: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "gunicorn", target, "--bind", f"127.0.0.1:{port}",
-            "--worker-class", "aiohttp.GunicornWebWorker", "--workers", "2"]
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        target,
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--worker-class",
+        "aiohttp.GunicornWebWorker",
+        "--workers",
+        "2",
+    ]
 
 
 def test_erratum_01_factory_without_call_never_serves():
@@ -65,7 +76,9 @@ def test_erratum_01_factory_without_call_never_serves():
 def test_erratum_01_calling_the_factory_serves():
     """'app:create_app()' makes Gunicorn call the factory in each worker: it serves."""
     port = free_port()
-    with Running(gunicorn("app:create_app()", port), CH01.folder, chapter_env(port), port) as running:
+    with Running(
+        gunicorn("app:create_app()", port), CH01.folder, chapter_env(port), port
+    ) as running:
         running.wait_until("/")
         assert running.terminate() == 0
 
@@ -84,6 +97,7 @@ pool_key = web.AppKey("pool", asyncpg.Pool)
 
 def article_app(dsn: str, handler) -> web.Application:
     """The article's route and pool, with its handler under test (typed key: see erratum 8)."""
+
     async def pg_pool(app):
         app[pool_key] = await asyncpg.create_pool(dsn=dsn, min_size=1, max_size=2)
         yield
@@ -185,7 +199,10 @@ def test_erratum_06_connections_grow_under_load_and_during_reload(pg):
 
         # Hold a lock on users so every lookup waits inside the pool, holding a connection.
         locker = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(f"""
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(f"""
                 import asyncio, asyncpg, sys
                 async def main():
                     conn = await asyncpg.connect({pg.dsn(database)!r})
@@ -194,12 +211,21 @@ def test_erratum_06_connections_grow_under_load_and_during_reload(pg):
                         print("locked", flush=True)
                         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
                 asyncio.run(main())
-            """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            """),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert locker.stdout.readline().strip() == "locked"
-        threads = [threading.Thread(target=get, args=(running.url + "/users/1", 30)) for _ in range(40)]
+        threads = [
+            threading.Thread(target=get, args=(running.url + "/users/1", 30)) for _ in range(40)
+        ]
         for t in threads:
             t.start()
-        peak = highest(lambda: connections_to(pg, database) - 1, seconds=5, every=0.1)  # minus the locker
+        peak = highest(
+            lambda: connections_to(pg, database) - 1, seconds=5, every=0.1
+        )  # minus the locker
         locker.stdin.write("\n")
         locker.stdin.close()
         locker.wait(10)
@@ -219,8 +245,12 @@ def test_erratum_06_connections_grow_under_load_and_during_reload(pg):
 # -- Erratum 7: a module-scope ClientSession is a hard error --------------------------------------------------
 def test_erratum_07_module_scope_client_session_raises():
     """Creating a ClientSession with no running event loop fails at import time."""
-    result = subprocess.run([sys.executable, "-c", "import aiohttp\nhttp = aiohttp.ClientSession()"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-c", "import aiohttp\nhttp = aiohttp.ClientSession()"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode != 0
     assert "RuntimeError: no running event loop" in result.stderr
 
@@ -249,8 +279,15 @@ def test_erratum_08_string_keys_warn_but_the_warning_is_hidden_by_default():
     with pytest.warns(web.NotAppKeyWarning):
         web.Application()["pool"] = object()
     result = subprocess.run(
-        [sys.executable, "-c", "from aiohttp import web\nweb.Application()['pool'] = 1\nprint('stored')"],
-        capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONWARNINGS": ""},
+        [
+            sys.executable,
+            "-c",
+            "from aiohttp import web\nweb.Application()['pool'] = 1\nprint('stored')",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONWARNINGS": ""},
     )
     assert result.stdout.strip() == "stored" and "NotAppKeyWarning" not in result.stderr
 
@@ -261,7 +298,9 @@ def test_erratum_08_chapters_use_typed_keys():
         tree = ast.parse((chapter.folder / "app.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("app"):
-                assert not isinstance(node.slice, ast.Constant), f"{chapter.name}: {ast.unparse(node)}"
+                assert not isinstance(node.slice, ast.Constant), (
+                    f"{chapter.name}: {ast.unparse(node)}"
+                )
 
 
 # -- erratum 2 and 10: containers -------------------------------------------------------------------------
@@ -299,8 +338,12 @@ def dash() -> str:
 
 def namespace_init(running: Running, timeout: float = 10.0) -> psutil.Process:
     """PID 1 of the namespace, seen from here: unshare's only child."""
-    children = waiting.until(psutil.Process(running.pid).children, timeout=timeout,
-                             waiting_for="unshare to start its child", seen=lambda _: running.output())
+    children = waiting.until(
+        psutil.Process(running.pid).children,
+        timeout=timeout,
+        waiting_for="unshare to start its child",
+        seen=lambda _: running.output(),
+    )
     return children[0]
 
 
@@ -313,8 +356,11 @@ def start_as_pid1(argv: list[str], pg) -> Running:
     return running
 
 
-@pytest.mark.parametrize("argv", [["gunicorn", "-c", "gunicorn.conf.py"], ["/bin/sh", "-c", "exec " + SHELL_FORM]],
-                         ids=["json-cmd", "sh-exec"])
+@pytest.mark.parametrize(
+    "argv",
+    [["gunicorn", "-c", "gunicorn.conf.py"], ["/bin/sh", "-c", "exec " + SHELL_FORM]],
+    ids=["json-cmd", "sh-exec"],
+)
 def test_erratum_02_exec_form_pid1_drains_and_exits_on_sigterm(argv, pg):
     """Gunicorn as PID 1 of a fresh PID namespace (what a JSON CMD, or `exec` in a shell, gives):
     SIGTERM reaches it; every worker closes its pool and it exits 0 within 5 s."""
@@ -329,7 +375,9 @@ def test_erratum_02_exec_form_pid1_drains_and_exits_on_sigterm(argv, pg):
         code = running.proc.wait(timeout=20)
         seconds = time.monotonic() - began
         output = running.output()
-        print(f"\nerratum 2, no Docker, {' '.join(argv)} as PID 1: exit {code} {seconds:.2f}s after SIGTERM")
+        print(
+            f"\nerratum 2, no Docker, {' '.join(argv)} as PID 1: exit {code} {seconds:.2f}s after SIGTERM"
+        )
         assert code == 0 and seconds < 5, f"exit {code} after {seconds:.1f}s\n{output}"
         assert output.count("pool closed") == 2 and "Shutting down: Master" in output, output
     finally:
@@ -342,7 +390,9 @@ def test_erratum_02_shell_form_pid1_ignores_sigterm(pg):
     running = start_as_pid1([dash(), "-c", SHELL_FORM], pg)
     try:
         init = namespace_init(running)
-        assert init.name() == "dash" and init.children(), init.cmdline()  # sh forked Gunicorn, it did not exec
+        assert init.name() == "dash" and init.children(), (
+            init.cmdline()
+        )  # sh forked Gunicorn, it did not exec
         init.send_signal(signal.SIGTERM)
         time.sleep(3)  # the exec form is gone well within this
         assert running.proc.poll() is None and init.is_running()
@@ -362,29 +412,48 @@ def with_shell_form_cmd(docker, image: str, folder) -> str:
     return docker.build(f"{image}-shell-form", folder)
 
 
-def test_erratum_02_shell_form_cmd_waits_out_docker_stop_and_is_killed(images, docker, pg, pg_socket_dir,
-                                                                        tmp_path):
+def test_erratum_02_shell_form_cmd_waits_out_docker_stop_and_is_killed(
+    images, docker, pg, pg_socket_dir, tmp_path
+):
     """The last chapter's image as built (exec-form CMD) and with the article's shell-form CMD, run
     side by side: `docker stop` ends ours with exit 0 in under 5 s after every pool is closed; the
     shell form has /bin/sh as PID 1, waits out the full 10 s timeout, exits 137 and closes nothing."""
     ours = images[LAST.number]
     article = with_shell_form_cmd(docker, ours, tmp_path)
     url = pg.socket_dsn(fresh_database(pg, LAST.schema), socket_dir="/pgsock")
-    containers = [run_container(docker, image, port=8125, env={"WEB_CONCURRENCY": "3", "DATABASE_URL": url},
-                                mounts={pg_socket_dir: "/pgsock"}) for image in (ours, article)]
+    containers = [
+        run_container(
+            docker,
+            image,
+            port=8125,
+            env={"WEB_CONCURRENCY": "3", "DATABASE_URL": url},
+            mounts={pg_socket_dir: "/pgsock"},
+        )
+        for image in (ours, article)
+    ]
     try:
         in_parallel(lambda c: c.wait_until("/users/1"), containers)
         pid1 = [c.processes()[0][2] for c in containers]
         assert pid1[0].endswith("/gunicorn -c gunicorn.conf.py") and "/bin/sh" not in pid1[0], pid1
         assert pid1[1] == f"/bin/sh -c {SHELL_FORM}", pid1
-        (exec_seconds, exec_code), (shell_seconds, shell_code) = in_parallel(lambda c: c.stop(), containers)
+        (exec_seconds, exec_code), (shell_seconds, shell_code) = in_parallel(
+            lambda c: c.stop(), containers
+        )
         exec_logs, shell_logs = (c.logs() for c in containers)
-        print(f"\nerratum 2, docker stop: exec form exit {exec_code} in {exec_seconds:.2f}s; "
-              f"shell form exit {shell_code} in {shell_seconds:.2f}s")
-        assert exec_code == 0 and exec_seconds < 5, f"exit {exec_code} after {exec_seconds:.1f}s\n{exec_logs}"
+        print(
+            f"\nerratum 2, docker stop: exec form exit {exec_code} in {exec_seconds:.2f}s; "
+            f"shell form exit {shell_code} in {shell_seconds:.2f}s"
+        )
+        assert exec_code == 0 and exec_seconds < 5, (
+            f"exit {exec_code} after {exec_seconds:.1f}s\n{exec_logs}"
+        )
         assert exec_logs.count("pool closed") == 3, exec_logs
-        assert shell_code == 137 and shell_seconds >= 9.5, f"exit {shell_code} after {shell_seconds:.1f}s"
-        assert "pool closed" not in shell_logs and "Handling signal: term" not in shell_logs, shell_logs
+        assert shell_code == 137 and shell_seconds >= 9.5, (
+            f"exit {shell_code} after {shell_seconds:.1f}s"
+        )
+        assert "pool closed" not in shell_logs and "Handling signal: term" not in shell_logs, (
+            shell_logs
+        )
     finally:
         for container in containers:
             container.remove()
@@ -400,11 +469,23 @@ def test_erratum_10_control_socket_logs_an_error_in_a_read_only_home_less_contai
     sets control_socket_disable = True, logs none."""
     image = images[LAST.number]
     # `-c /dev/null`: Gunicorn would otherwise load our gunicorn.conf.py from the working folder.
-    article = ["gunicorn", "-c", "/dev/null", "app:create_app()", "--worker-class", "aiohttp.GunicornWebWorker",
-               "--bind", "0.0.0.0:8126", "--workers", "2"]
+    article = [
+        "gunicorn",
+        "-c",
+        "/dev/null",
+        "app:create_app()",
+        "--worker-class",
+        "aiohttp.GunicornWebWorker",
+        "--bind",
+        "0.0.0.0:8126",
+        "--workers",
+        "2",
+    ]
     no_database = {"DATABASE_URL": "postgresql://postgres@/postgres?host=/nowhere"}
-    containers = [run_container(docker, image, *command, port=8126, env=no_database, read_only=True)
-                  for command in ([], article)]
+    containers = [
+        run_container(docker, image, *command, port=8126, env=no_database, read_only=True)
+        for command in ([], article)
+    ]
     try:
         in_parallel(lambda c: c.wait_until("/health"), containers)
         time.sleep(1)  # the control socket starts in a thread of its own; give it time to fail
@@ -419,7 +500,9 @@ def test_erratum_10_control_socket_logs_an_error_in_a_read_only_home_less_contai
             container.remove()
 
 
-@pytest.mark.parametrize("disabled", [False, True], ids=["control-socket-on", "control_socket_disable"])
+@pytest.mark.parametrize(
+    "disabled", [False, True], ids=["control-socket-on", "control_socket_disable"]
+)
 def test_erratum_10_control_socket_without_a_usable_home(disabled, tmp_path):
     """Without Docker: Gunicorn with a HOME where no folder can be made (as on a read-only root) logs an
     ERROR for its control socket at boot; with --no-control-socket (control_socket_disable) it does not."""
@@ -427,8 +510,19 @@ def test_erratum_10_control_socket_without_a_usable_home(disabled, tmp_path):
     (tmp_path / "file").write_text("")
     env = chapter_env(port, HOME=str(tmp_path / "file" / "home"))
     env.pop("XDG_RUNTIME_DIR", None)  # Gunicorn would prefer it over $HOME
-    argv = [sys.executable, "-m", "gunicorn", "app:create_app()", "--worker-class", "aiohttp.GunicornWebWorker",
-            "--bind", f"127.0.0.1:{port}", "--workers", "1", *(["--no-control-socket"] if disabled else [])]
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "app:create_app()",
+        "--worker-class",
+        "aiohttp.GunicornWebWorker",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "1",
+        *(["--no-control-socket"] if disabled else []),
+    ]
     with Running(argv, CH01.folder, env, port) as running:
         running.wait_until("/health")
         time.sleep(1)  # the control socket starts in a thread of its own
@@ -469,8 +563,12 @@ def sigterm_right_after_a_heartbeat(running: Running) -> None:
     [beat] = [f"{fds}/{fd}" for fd in os.listdir(fds) if "wgunicorn-" in os.readlink(f"{fds}/{fd}")]
     # the worker touches that (deleted) file each time it checks
     last = os.stat(beat).st_mtime
-    waiting.until(lambda: os.stat(beat).st_mtime != last, timeout=5, every=0.005,
-                  waiting_for="the worker to touch its heartbeat file")
+    waiting.until(
+        lambda: os.stat(beat).st_mtime != last,
+        timeout=5,
+        every=0.005,
+        waiting_for="the worker to touch its heartbeat file",
+    )
     os.kill(running.pid, signal.SIGTERM)
 
 
@@ -486,8 +584,12 @@ async def test_erratum_05_a_request_outlasting_the_drain(pg, chapter_number, tea
     graceful = 3
     async with UsersLock(pg.dsn(database)) as lock:
         port = free_port()
-        env = chapter_env(port, pg.dsn(database), WEB_CONCURRENCY="1",
-                          GUNICORN_CMD_ARGS=f"--graceful-timeout {graceful}")
+        env = chapter_env(
+            port,
+            pg.dsn(database),
+            WEB_CONCURRENCY="1",
+            GUNICORN_CMD_ARGS=f"--graceful-timeout {graceful}",
+        )
         with Running(chapter.argv, chapter.folder, env, port) as running:
             await asyncio.to_thread(running.wait_until, "/health")
             sock = send_request(port, "/users/1")
@@ -506,7 +608,7 @@ async def test_erratum_05_a_request_outlasting_the_drain(pg, chapter_number, tea
     assert ("Worker exiting" in output) is teardown, output  # else the master's SIGKILL ended it
 
 
-ARTICLE_ORDER_APP = '''
+ARTICLE_ORDER_APP = """
 import logging, os
 import asyncpg
 from aiohttp import web
@@ -530,7 +632,7 @@ def create_app():
     app.cleanup_ctx.append(pg_pool)
     app.cleanup_ctx.append(cache)
     return app
-'''
+"""
 
 
 def test_erratum_09_a_later_context_failing_leaves_the_pool_without_teardown(pg, tmp_path):
@@ -539,8 +641,18 @@ def test_erratum_09_a_later_context_failing_leaves_the_pool_without_teardown(pg,
     "this guarantees the pool closes cleanly even on errors"."""
     (tmp_path / "app.py").write_text(ARTICLE_ORDER_APP)
     port = free_port()
-    argv = [sys.executable, "-m", "gunicorn", "app:create_app()", "--bind", f"127.0.0.1:{port}",
-            "--worker-class", "aiohttp.GunicornWebWorker", "--workers", "1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "app:create_app()",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--worker-class",
+        "aiohttp.GunicornWebWorker",
+        "--workers",
+        "1",
+    ]
     env = chapter_env(port, pg.dsn(fresh_database(pg, CH02.schema)))
     with Running(argv, tmp_path, env, port) as running:
         code = running.proc.wait(timeout=30)
@@ -601,8 +713,18 @@ def test_erratum_11_article_app_with_the_database_refusing_exits_nonzero_with_a_
     one clear line (test_02_database_pool.py)."""
     (tmp_path / "app.py").write_text(ARTICLE_ORDER_APP)
     port = free_port()
-    argv = [sys.executable, "-m", "gunicorn", "app:create_app()", "--bind", f"127.0.0.1:{port}",
-            "--worker-class", "aiohttp.GunicornWebWorker", "--workers", "2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "app:create_app()",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--worker-class",
+        "aiohttp.GunicornWebWorker",
+        "--workers",
+        "2",
+    ]
     env = chapter_env(port, f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
     with Running(argv, tmp_path, env, port) as running:
         code = running.proc.wait(timeout=30)
@@ -629,7 +751,7 @@ async def test_erratum_11_asyncpg_waits_60_s_for_a_silent_database_unless_told(a
 
 
 # -- Erratum 13: "confirm each worker created its pool" from logs that never mention a pool -------------------
-ARTICLE_APP = '''
+ARTICLE_APP = """
 import os
 import asyncpg
 from aiohttp import web
@@ -651,7 +773,7 @@ def create_app():
     app.cleanup_ctx.append(pg_pool)
     app.add_routes([web.get("/users/{id}", get_user)])
     return app
-'''
+"""
 
 
 def pool_lines(output: str) -> list[str]:
@@ -663,8 +785,18 @@ def test_erratum_13_the_articles_app_logs_no_pool_at_all(pg, tmp_path):
     to exit not one log line mentions a pool, so the platform's live logs cannot confirm one."""
     (tmp_path / "app.py").write_text(ARTICLE_APP)
     port = free_port()
-    argv = [sys.executable, "-m", "gunicorn", "app:create_app()", "--bind", f"127.0.0.1:{port}",
-            "--worker-class", "aiohttp.GunicornWebWorker", "--workers", "2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "app:create_app()",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--worker-class",
+        "aiohttp.GunicornWebWorker",
+        "--workers",
+        "2",
+    ]
     env = chapter_env(port, pg.dsn(fresh_database(pg, CH02.schema)), WEB_CONCURRENCY="2")
     with Running(argv, tmp_path, env, port) as running:
         running.wait_until("/users/1")
@@ -678,7 +810,9 @@ def test_erratum_13_our_chapters_log_each_workers_pool_with_its_sizes(pg):
     """Chapter 03 on (here 03 and the last): one "pool ready" line per worker, naming the worker's pid
     and the pool's min_size and max_size."""
     for chapter in {CH03.number: CH03, LAST.number: LAST}.values():
-        with start(chapter, database_url=pg.dsn(fresh_database(pg, chapter.schema)), WEB_CONCURRENCY="2") as running:
+        with start(
+            chapter, database_url=pg.dsn(fresh_database(pg, chapter.schema)), WEB_CONCURRENCY="2"
+        ) as running:
             running.wait_until("/users/1")
             workers = {child.pid for child in psutil.Process(running.pid).children()}
             lines = wait_for_lines(running, "pool ready", 2)

@@ -4,6 +4,7 @@ The site from the `built_site` fixture is served by a local HTTP server on a fre
 the browser makes is recorded; any that leaves localhost fails the test (and is refused, as is any
 host name lookup). Console errors and uncaught page errors fail the test too.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,7 +34,9 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def site_url(built_site):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(built_site.path)))
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(built_site.path))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/"
@@ -45,7 +48,10 @@ def site_url(built_site):
 @pytest.fixture(scope="module")
 def browser_context(tmp_path_factory):
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
-        missing("Chromium", "apt install chromium (Debian's package; the tests never download a browser)")
+        missing(
+            "Chromium",
+            "apt install chromium (Debian's package; the tests never download a browser)",
+        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -55,10 +61,18 @@ def browser_context(tmp_path_factory):
             str(tmp_path_factory.mktemp("chromium-profile")),
             executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
             headless=True,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  # Any host name but localhost fails to resolve: the site must need none.
-                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1"],
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                # Any host name but localhost fails to resolve: the site must need none.
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+            ],
             viewport={"width": 1280, "height": 900},
         )
         try:
@@ -75,8 +89,12 @@ class Recorder:
         self.errors: list[str] = []
 
     def outside(self) -> list[str]:
-        return [url for url in self.requests
-                if urlsplit(url).scheme not in {"data", "blob", "about"} and urlsplit(url).hostname not in LOCAL_HOSTS]
+        return [
+            url
+            for url in self.requests
+            if urlsplit(url).scheme not in {"data", "blob", "about"}
+            and urlsplit(url).hostname not in LOCAL_HOSTS
+        ]
 
     def assert_clean(self) -> None:
         assert self.requests, "no request was recorded: the recorder is not listening"
@@ -108,7 +126,9 @@ def browser(browser_context):
     page = browser_context.new_page()
     page.on("console", on_console)
     page.on("pageerror", lambda error: recorder.errors.append(f"page error: {error}"))
-    page.on("worker", lambda worker: worker.on("console", on_console) if hasattr(worker, "on") else None)
+    page.on(
+        "worker", lambda worker: worker.on("console", on_console) if hasattr(worker, "on") else None
+    )
     try:
         yield page, recorder
     finally:
@@ -129,8 +149,12 @@ def test_every_chapter_page_renders_its_code_its_diff_and_the_navigation(browser
         code = page.locator("article .highlight:not(.language-console):not(.language-diff) code")
         assert code.count() >= 1, chapter.name
         for at in range(code.count()):
-            assert code.nth(at).is_visible() and code.nth(at).inner_text().strip(), f"{chapter.name}: empty block {at}"
-        titles = page.locator("article .highlight:not(.language-console):not(.language-diff) .filename").all_inner_texts()
+            assert code.nth(at).is_visible() and code.nth(at).inner_text().strip(), (
+                f"{chapter.name}: empty block {at}"
+            )
+        titles = page.locator(
+            "article .highlight:not(.language-console):not(.language-diff) .filename"
+        ).all_inner_texts()
         assert titles and all(title.strip() for title in titles), chapter.name
         diff = page.locator("article .language-diff code")
         if chapter.index > 1:
@@ -143,9 +167,13 @@ def test_every_chapter_page_renders_its_code_its_diff_and_the_navigation(browser
             assert diff.count() == 0
         nav = page.locator("nav.md-nav--primary").inner_text()
         for other in CHAPTERS:
-            assert f"{other.number} · {other.title}" in nav, f"{chapter.name}: nav lacks chapter {other.number}"
+            assert f"{other.number} · {other.title}" in nav, (
+                f"{chapter.name}: nav lacks chapter {other.number}"
+            )
         for image in page.locator("article img").all():
-            assert image.evaluate("img => img.complete && img.naturalWidth > 0"), image.get_attribute("src")
+            assert image.evaluate("img => img.complete && img.naturalWidth > 0"), (
+                image.get_attribute("src")
+            )
     recorder.assert_clean()
 
 
@@ -157,7 +185,11 @@ def unique_word(built_site) -> tuple[str, str]:
     pages: dict[str, str] = {}
     for doc in index["docs"]:
         page = doc["location"].split("#")[0]
-        pages[page] = pages.get(page, "") + " " + re.sub(r"<[^>]+>", " ", doc["title"] + " " + doc["text"]).lower()
+        pages[page] = (
+            pages.get(page, "")
+            + " "
+            + re.sub(r"<[^>]+>", " ", doc["title"] + " " + doc["text"]).lower()
+        )
     for chapter in CHAPTERS:
         # Candidates come from the page's prose, lower-case as written: code is split differently
         # by the search (basicConfig is two words to it).
@@ -182,9 +214,13 @@ def test_search_finds_a_word_that_only_one_chapter_page_has(browser, site_url, b
     box.press_sequentially(word, delay=20)
     results = page.locator(".md-search-result__item a")
     results.first.wait_for(state="visible", timeout=15_000)
-    links = [link for link in (results.nth(i).get_attribute("href") for i in range(results.count()))]
+    links = [
+        link for link in (results.nth(i).get_attribute("href") for i in range(results.count()))
+    ]
     assert links and all(where in link for link in links), f"searching {word!r}: {links}"
-    assert any(url.endswith("search/search_index.json") for url in recorder.requests), recorder.requests
+    assert any(url.endswith("search/search_index.json") for url in recorder.requests), (
+        recorder.requests
+    )
     recorder.assert_clean()
 
 
@@ -196,8 +232,15 @@ def test_screenshot_of_a_chapter_page(browser, site_url):
     page.goto(f"{site_url}chapters/05-graceful-shutdown/")
     page.wait_for_load_state("load")
     font = page.evaluate("getComputedStyle(document.body).fontFamily")
-    assert "Roboto" not in font or "-apple-system" in font, font  # no web font asked for by name alone
-    assert page.locator("article img[src$='shutdown-timeline.svg']").evaluate("img => img.naturalWidth") > 0
+    assert "Roboto" not in font or "-apple-system" in font, (
+        font
+    )  # no web font asked for by name alone
+    assert (
+        page.locator("article img[src$='shutdown-timeline.svg']").evaluate(
+            "img => img.naturalWidth"
+        )
+        > 0
+    )
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000
@@ -224,8 +267,11 @@ def test_no_code_block_on_a_chapter_page_scrolls_sideways(browser, site_url):
             line: code.innerText.split("\\n").reduce((a, b) => b.length > a.length ? b : a, ""),
         }))""")
         assert blocks, chapter.name
-        wide += [f"{chapter.name} [{b['lang']}] {b['over']}px too wide, {b['longest']} columns: {b['line']}"
-                 for b in blocks if b["over"] > 0]
+        wide += [
+            f"{chapter.name} [{b['lang']}] {b['over']}px too wide, {b['longest']} columns: {b['line']}"
+            for b in blocks
+            if b["over"] > 0
+        ]
     page.goto(f"{site_url}chapters/06-health-checks/")
     page.wait_for_load_state("load")
     WIDE_SCREENSHOT.parent.mkdir(exist_ok=True)
@@ -250,7 +296,8 @@ def test_performance_charts_read_at_the_page_width(browser, site_url):
                 return {natural: img.naturalWidth, width: img.getBoundingClientRect().width,
                         column: box.width, next: next && next.querySelector('table') ? 'table'
                                                    : next && next.tagName};
-            }""")
+            }"""
+        )
         assert shown["natural"] > 0, shown
         assert shown["width"] <= shown["column"] + 1, shown
         assert shown["width"] >= 0.8 * shown["natural"], f"chart shrunk to be unreadable: {shown}"

@@ -1,4 +1,5 @@
 """The learner's commands themselves: `make run` leaves nothing behind, `make check` names what fails."""
+
 import os
 import shutil
 import signal
@@ -31,8 +32,14 @@ def test_make_run_serves_and_leaves_no_process_behind(tmp_path):
     port = free_port()
     env = dict(os.environ, PORT=str(port), TUTORIAL_DATA_DIR=str(tmp_path / "data"))
     env.pop("DATABASE_URL", None)
-    run = subprocess.Popen([sys.executable, "-m", "tutorial.run", "02"], cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "tutorial.run", "02"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     try:
         for line in run.stdout:
@@ -70,9 +77,14 @@ def test_make_run_refuses_a_busy_port(tmp_path):
         sock.bind(("127.0.0.1", 0))
         sock.listen(1)
         port = sock.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "tutorial.run", "01"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=30, env=dict(os.environ, PORT=str(port),
-                                                                TUTORIAL_DATA_DIR=str(tmp_path)))
+        result = subprocess.run(
+            [sys.executable, "-m", "tutorial.run", "01"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=dict(os.environ, PORT=str(port), TUTORIAL_DATA_DIR=str(tmp_path)),
+        )
     assert result.returncode == 1
     assert f"port {port} is already in use" in result.stdout
 
@@ -83,8 +95,13 @@ def test_make_check_names_the_failing_behaviour(tmp_path):
     shutil.copytree(ROOT / "chapters" / "01-minimal-app", mine)
     app = mine / "app.py"
     app.write_text(app.read_text().replace('{"status": "ok"}', '{"status": "fine"}'))
-    result = subprocess.run([sys.executable, "-m", "tutorial.check", "01", str(mine)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "tutorial.check", "01", str(mine)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert 'FAIL  GET /health answers 200 {"status": "ok"}.' in result.stdout
     assert "ok    GET / answers 200 with a JSON greeting." in result.stdout
@@ -93,8 +110,13 @@ def test_make_check_names_the_failing_behaviour(tmp_path):
 
 def test_make_check_passes_on_the_reference_chapter():
     """The reference chapter 01 passes its own check."""
-    result = subprocess.run([sys.executable, "-m", "tutorial.check", "01", str(ROOT / "chapters" / "01-minimal-app")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "tutorial.check", "01", str(ROOT / "chapters" / "01-minimal-app")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL" not in result.stdout
 
@@ -106,8 +128,14 @@ def test_make_run_explains_a_database_that_cannot_start(tmp_path):
     (data / "PG_VERSION").write_text("9\n")  # a data folder from a PostgreSQL we do not have
     env = dict(os.environ, PORT=str(free_port()), TUTORIAL_DATA_DIR=str(tmp_path / "data"))
     env.pop("DATABASE_URL", None)
-    result = subprocess.run([sys.executable, "-m", "tutorial.run", "02"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "tutorial.run", "02"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "PostgreSQL could not start" in result.stdout, result.stdout
     assert "could not access the server configuration file" in result.stdout  # its own reason
@@ -116,9 +144,19 @@ def test_make_run_explains_a_database_that_cannot_start(tmp_path):
 
 
 def run_without_database(chapter: str, port: int) -> subprocess.Popen:
-    env = dict(os.environ, PORT=str(port), DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
-    return subprocess.Popen([sys.executable, "-m", "tutorial.run", chapter], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(
+        os.environ,
+        PORT=str(port),
+        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "tutorial.run", chapter],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_make_run_starts_a_chapter_that_lives_without_its_database():

@@ -5,6 +5,7 @@ The tests check these numbers against each other, `make rollout` rehearses with 
 chapter page's budget table is generated from them: what is checked, rehearsed and shown is what
 would be deployed.
 """
+
 from __future__ import annotations
 
 import ast
@@ -74,7 +75,9 @@ class Fleet:
     @property
     def server_pool(self) -> int:
         """The most server connections PgBouncer opens to PostgreSQL for the service's database."""
-        pool = int(self.pgbouncer["default_pool_size"]) + int(self.pgbouncer.get("reserve_pool_size", 0))
+        pool = int(self.pgbouncer["default_pool_size"]) + int(
+            self.pgbouncer.get("reserve_pool_size", 0)
+        )
         cap = int(self.pgbouncer.get("max_db_connections", 0))
         return min(pool, cap) if cap else pool
 
@@ -107,15 +110,24 @@ def pgbouncer_ini(folder: Path = FOLDER) -> configparser.ConfigParser:
 
 def _probe(spec: dict) -> Probe:
     get = spec.get("httpGet", {})
-    return Probe(get.get("path"), get.get("port"), spec.get("periodSeconds", 10),
-                 spec.get("timeoutSeconds", 1), spec.get("failureThreshold", 3))
+    return Probe(
+        get.get("path"),
+        get.get("port"),
+        spec.get("periodSeconds", 10),
+        spec.get("timeoutSeconds", 1),
+        spec.get("failureThreshold", 3),
+    )
 
 
 def _constants(app_py: Path) -> dict[str, object]:
     """Module-level NAME = literal assignments, without importing the app."""
     found = {}
     for node in ast.parse(app_py.read_text()).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+        ):
             try:
                 found[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
@@ -144,7 +156,10 @@ def load(folder: Path = FOLDER) -> Fleet:
         max_unavailable=rolling["maxUnavailable"],
         progress_deadline=deploy["spec"].get("progressDeadlineSeconds", 600),
         grace=pod.get("terminationGracePeriodSeconds", 30),
-        prestop=container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0),
+        prestop=container.get("lifecycle", {})
+        .get("preStop", {})
+        .get("sleep", {})
+        .get("seconds", 0),
         graceful_timeout=gunicorn.get("graceful_timeout", 30),
         workers=cpus(container["resources"]["limits"]["cpu"]),
         pool_min=app["POOL_MIN_SIZE"],
@@ -164,35 +179,46 @@ def load(folder: Path = FOLDER) -> Fleet:
 def grace_problem(f: Fleet) -> str | None:
     need = f.prestop + f.graceful_timeout + GRACE_MARGIN
     if f.grace < need:
-        return (f"terminationGracePeriodSeconds {f.grace} < preStop sleep {f.prestop} + graceful_timeout "
-                f"{f.graceful_timeout} + margin {GRACE_MARGIN} = {need}: the kubelet's SIGKILL lands mid-drain")
+        return (
+            f"terminationGracePeriodSeconds {f.grace} < preStop sleep {f.prestop} + graceful_timeout "
+            f"{f.graceful_timeout} + margin {GRACE_MARGIN} = {need}: the kubelet's SIGKILL lands mid-drain"
+        )
     return None
 
 
 def probe_problems(f: Fleet) -> list[str]:
-    wanted = {"startupProbe": (f.startup, "/health"), "readinessProbe": (f.readiness, "/ready"),
-              "livenessProbe": (f.liveness, "/health")}
+    wanted = {
+        "startupProbe": (f.startup, "/health"),
+        "readinessProbe": (f.readiness, "/ready"),
+        "livenessProbe": (f.liveness, "/health"),
+    }
     found = []
     for name, (probe, path) in wanted.items():
         port = f.port_names.get(probe.port, probe.port)
         if probe.path != path:
             found.append(f"{name} asks {probe.path}, the service answers it on {path}")
         if port != f.container_port:
-            found.append(f"{name} probes port {probe.port} ({port}), the container listens on {f.container_port}")
+            found.append(
+                f"{name} probes port {probe.port} ({port}), the container listens on {f.container_port}"
+            )
     return found
 
 
 def rollout_problem(f: Fleet) -> str | None:
     if f.max_unavailable != 0 or f.max_surge < 1:
-        return (f"maxUnavailable {f.max_unavailable} and maxSurge {f.max_surge}: a rollout must add a ready "
-                "replica before it removes one (maxUnavailable 0, maxSurge at least 1)")
+        return (
+            f"maxUnavailable {f.max_unavailable} and maxSurge {f.max_surge}: a rollout must add a ready "
+            "replica before it removes one (maxUnavailable 0, maxSurge at least 1)"
+        )
     return None
 
 
 def pdb_problem(f: Fleet) -> str | None:
     if f.disruptions_allowed < 1:
-        return (f"the PodDisruptionBudget allows {f.disruptions_allowed} disruptions of {f.replicas} replicas: "
-                "a node drain could never evict one")
+        return (
+            f"the PodDisruptionBudget allows {f.disruptions_allowed} disruptions of {f.replicas} replicas: "
+            "a node drain could never evict one"
+        )
     if f.replicas - f.disruptions_allowed < 1:
         return f"the PodDisruptionBudget lets all {f.replicas} replicas go at once"
     return None
@@ -200,8 +226,10 @@ def pdb_problem(f: Fleet) -> str | None:
 
 def client_budget_problem(f: Fleet) -> str | None:
     if f.client_connections > f.max_client_conn:
-        return (f"(replicas {f.replicas} + maxSurge {f.max_surge}) x workers {f.workers} x max_size {f.pool_max} "
-                f"= {f.client_connections} > PgBouncer's max_client_conn {f.max_client_conn}")
+        return (
+            f"(replicas {f.replicas} + maxSurge {f.max_surge}) x workers {f.workers} x max_size {f.pool_max} "
+            f"= {f.client_connections} > PgBouncer's max_client_conn {f.max_client_conn}"
+        )
     return None
 
 
@@ -209,14 +237,21 @@ def server_budget_problem(f: Fleet) -> str | None:
     if f.pgbouncer.get("pool_mode") != "transaction":
         return f"PgBouncer's pool_mode is {f.pgbouncer.get('pool_mode')}, not transaction"
     if f.server_pool > f.postgres_available:
-        return (f"PgBouncer's server pool {f.server_pool} > PostgreSQL's max_connections "
-                f"{f.postgres_max_connections} - reserved {f.postgres_reserved} = {f.postgres_available}")
+        return (
+            f"PgBouncer's server pool {f.server_pool} > PostgreSQL's max_connections "
+            f"{f.postgres_max_connections} - reserved {f.postgres_reserved} = {f.postgres_available}"
+        )
     return None
 
 
 def problems(f: Fleet) -> list[str]:
-    single = [grace_problem(f), rollout_problem(f), pdb_problem(f), client_budget_problem(f),
-              server_budget_problem(f)]
+    single = [
+        grace_problem(f),
+        rollout_problem(f),
+        pdb_problem(f),
+        client_budget_problem(f),
+        server_budget_problem(f),
+    ]
     return [p for p in single if p] + probe_problems(f)
 
 
@@ -224,17 +259,37 @@ def problems(f: Fleet) -> list[str]:
 def table(f: Fleet | None = None) -> str:
     f = f or load()
     rows = [
-        ("Grace period", (f"preStop {f.prestop} s + graceful_timeout {f.graceful_timeout} s + margin "
-                          f"{GRACE_MARGIN} s = {f.prestop + f.graceful_timeout + GRACE_MARGIN} s"),
-         f"terminationGracePeriodSeconds {f.grace} s"),
-        ("Workers per replica", f"limits.cpu {f.workers} (rounded up)", f"WEB_CONCURRENCY {f.workers}"),
-        ("Clients of PgBouncer, during a rollout",
-         (f"(replicas {f.replicas} + maxSurge {f.max_surge}) × workers {f.workers} × max_size {f.pool_max} "
-          f"= {f.client_connections}"), f"max_client_conn {f.max_client_conn}"),
-        ("Connections PostgreSQL sees", f"PgBouncer's server pool {f.server_pool}",
-         f"max_connections {f.postgres_max_connections} − reserved {f.postgres_reserved} = {f.postgres_available}"),
-        ("Replicas a node drain may take", f"PodDisruptionBudget: {f.disruptions_allowed}",
-         f"replicas {f.replicas}"),
+        (
+            "Grace period",
+            (
+                f"preStop {f.prestop} s + graceful_timeout {f.graceful_timeout} s + margin "
+                f"{GRACE_MARGIN} s = {f.prestop + f.graceful_timeout + GRACE_MARGIN} s"
+            ),
+            f"terminationGracePeriodSeconds {f.grace} s",
+        ),
+        (
+            "Workers per replica",
+            f"limits.cpu {f.workers} (rounded up)",
+            f"WEB_CONCURRENCY {f.workers}",
+        ),
+        (
+            "Clients of PgBouncer, during a rollout",
+            (
+                f"(replicas {f.replicas} + maxSurge {f.max_surge}) × workers {f.workers} × max_size {f.pool_max} "
+                f"= {f.client_connections}"
+            ),
+            f"max_client_conn {f.max_client_conn}",
+        ),
+        (
+            "Connections PostgreSQL sees",
+            f"PgBouncer's server pool {f.server_pool}",
+            f"max_connections {f.postgres_max_connections} − reserved {f.postgres_reserved} = {f.postgres_available}",
+        ),
+        (
+            "Replicas a node drain may take",
+            f"PodDisruptionBudget: {f.disruptions_allowed}",
+            f"replicas {f.replicas}",
+        ),
     ]
     lines = ["| budget | what the files ask | the limit it must fit |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]

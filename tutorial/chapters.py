@@ -1,4 +1,5 @@
 """The chapter manifest, chapters.toml: the one list every other tool reads."""
+
 from __future__ import annotations
 
 import json
@@ -81,7 +82,13 @@ def load() -> list[Chapter]:
     if _loaded is None or _loaded[0] != stamp:
         data = tomllib.loads(MANIFEST.read_text(encoding="utf-8"))
         chapters = [
-            Chapter(**{**entry, "adds": tuple(entry.get("adds", ())), "try_paths": tuple(entry.get("try_paths", ()))})
+            Chapter(
+                **{
+                    **entry,
+                    "adds": tuple(entry.get("adds", ())),
+                    "try_paths": tuple(entry.get("try_paths", ())),
+                }
+            )
             for entry in data["chapter"]
         ]
         _loaded = stamp, tuple(sorted(chapters, key=lambda c: c.index))
@@ -109,8 +116,12 @@ def latest() -> Chapter:
 
 def matrix() -> dict:
     """The GitHub workflow's job matrix: one entry per chapter, with its folder and test module."""
-    return {"include": [{"chapter": c.name, "number": c.number,
-                         "tests": str(c.test_module.relative_to(ROOT))} for c in load()]}
+    return {
+        "include": [
+            {"chapter": c.name, "number": c.number, "tests": str(c.test_module.relative_to(ROOT))}
+            for c in load()
+        ]
+    }
 
 
 if __name__ == "__main__":

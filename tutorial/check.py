@@ -9,6 +9,7 @@ typed key) fails that behaviour only; elsewhere it is let through. Something the
 (a connection, a session, a socket) fails one behaviour of its own instead of a wall of tracebacks.
 `make test` keeps every warning an error: this plugin is loaded by `make check` alone.
 """
+
 from __future__ import annotations
 
 import gc
@@ -27,10 +28,11 @@ TESTS = chapters.ROOT / "tests"
 
 # Warnings that one behaviour judges by itself, and that behaviour (its test function's node id).
 JUDGED_APART = {
-    "aiohttp.web_exceptions.NotAppKeyWarning":
-        "tests/test_02_database_pool.py::test_the_pool_sits_behind_a_typed_app_key",
+    "aiohttp.web_exceptions.NotAppKeyWarning": "tests/test_02_database_pool.py::test_the_pool_sits_behind_a_typed_app_key",
 }
-LEAK_BEHAVIOUR = "Nothing the app opens is left open once it stops: no connection, session or socket."
+LEAK_BEHAVIOUR = (
+    "Nothing the app opens is left open once it stops: no connection, session or socket."
+)
 
 
 class BehaviourReport:
@@ -41,13 +43,17 @@ class BehaviourReport:
         self.chapter = chapters.get(os.environ["TUTORIAL_CHECK_CHAPTER"])
         self.folder = os.environ.get("TUTORIAL_CHECK_DIR", "path/to/your/folder")
         self.current: str | None = None
-        self.leaked: dict[str, list[str]] = {}  # test function -> what the garbage collector found open
+        self.leaked: dict[
+            str, list[str]
+        ] = {}  # test function -> what the garbage collector found open
         self.previous_hook = None
         self.leak_failed = False
 
     # -- what each test judges ----------------------------------------------------------------------
     def pytest_collection_modifyitems(self, items):
-        self.docs = {key(item.nodeid): _first_paragraph(item.function.__doc__) or item.name for item in items}
+        self.docs = {
+            key(item.nodeid): _first_paragraph(item.function.__doc__) or item.name for item in items
+        }
         for item in items:
             for warning, judge in JUDGED_APART.items():
                 if key(item.nodeid) != judge:
@@ -63,7 +69,9 @@ class BehaviourReport:
 
     def _unraisable(self, unraisable) -> None:
         if isinstance(unraisable.exc_value, ResourceWarning):
-            self.leaked.setdefault(self.current or "", []).append(_what_leaked(str(unraisable.exc_value)))
+            self.leaked.setdefault(self.current or "", []).append(
+                _what_leaked(str(unraisable.exc_value))
+            )
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_protocol(self, item, nextitem):
@@ -72,14 +80,18 @@ class BehaviourReport:
             return (yield)
         finally:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", ResourceWarning)  # a finalizer's warning reaches the hook
+                warnings.simplefilter(
+                    "error", ResourceWarning
+                )  # a finalizer's warning reaches the hook
                 gc.collect()
             self.current = None
 
     # -- outcomes -------------------------------------------------------------------------------------
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or report.outcome != "passed":
-            entry = self.results.setdefault(key(report.nodeid), {"failed": [], "skipped": [], "passed": 0})
+            entry = self.results.setdefault(
+                key(report.nodeid), {"failed": [], "skipped": [], "passed": 0}
+            )
             if report.failed:
                 entry["failed"].append((report.nodeid, _reason(report)))
             elif report.skipped:
@@ -92,19 +104,25 @@ class BehaviourReport:
         with warnings.catch_warnings():
             warnings.simplefilter("error", ResourceWarning)
             gc.collect()
-        verdicts = [self._print(self.docs.get(name, name), entry) for name, entry in self.results.items()]
+        verdicts = [
+            self._print(self.docs.get(name, name), entry) for name, entry in self.results.items()
+        ]
         verdicts.append(self._print_leaks())
         print(f"\n{verdicts.count('ok')} of {len(verdicts)} behaviours pass.")
         print(self._next_steps("FAIL" in verdicts, "SKIP" in verdicts))
         if self.leak_failed and session.exitstatus == pytest.ExitCode.OK:
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED  # a leak fails the check, as a test would
+            session.exitstatus = (
+                pytest.ExitCode.TESTS_FAILED
+            )  # a leak fails the check, as a test would
 
     def _print(self, text: str, entry: dict) -> str:
         if entry["failed"]:
             print(f"  FAIL  {text}")
             for nodeid, reason in entry["failed"][:3]:
                 # The chapter's own id is the same on every line; keep only the case that differs.
-                case = nodeid.partition("[")[2].rstrip("]").replace(self.chapter.name, "").strip("-")
+                case = (
+                    nodeid.partition("[")[2].rstrip("]").replace(self.chapter.name, "").strip("-")
+                )
                 print(f"          {('[' + case + '] ') if case else ''}{reason}")
             if len(entry["failed"]) > 3:
                 print(f"          ... and {len(entry['failed']) - 3} more cases")
@@ -127,8 +145,10 @@ class BehaviourReport:
         more = f" (and {len(where) - 1} more)" if len(where) > 1 else ""
         self.leak_failed = True
         print(f"  FAIL  {LEAK_BEHAVIOUR}")
-        print(f"          expected nothing left open, got {_listed(counts)} left for the garbage collector, "
-              f"after \"{where[0]}\"{more}")
+        print(
+            f"          expected nothing left open, got {_listed(counts)} left for the garbage collector, "
+            f'after "{where[0]}"{more}'
+        )
         return "FAIL"
 
     def _next_steps(self, failed: bool, skipped: bool) -> str:
@@ -139,11 +159,15 @@ class BehaviourReport:
         if not failed:
             later = [c for c in chapters.load() if c.index > self.chapter.index]
             if later:
-                return (f"Next: chapter {later[0].number}, {later[0].title}: "
-                        f"make check CHAPTER={later[0].number} DIR={self.folder}")
+                return (
+                    f"Next: chapter {later[0].number}, {later[0].title}: "
+                    f"make check CHAPTER={later[0].number} DIR={self.folder}"
+                )
             return "Every behaviour of every chapter passes."
-        return (f"Next: start with the first FAIL; docs/chapters/{self.chapter.name}.md explains each "
-                f"behaviour. Then run {again} again.")
+        return (
+            f"Next: start with the first FAIL; docs/chapters/{self.chapter.name}.md explains each "
+            f"behaviour. Then run {again} again."
+        )
 
 
 def key(nodeid: str) -> str:
@@ -158,9 +182,15 @@ def _first_paragraph(doc: str | None) -> str:
 
 def _what_leaked(message: str) -> str:
     lowered = message.lower()
-    for needle, name in (("asyncpg", "asyncpg connection"), ("client session", "aiohttp ClientSession"),
-                         ("connector", "aiohttp connector"), ("transport", "transport"),
-                         ("socket", "socket"), ("event loop", "event loop"), ("file", "file")):
+    for needle, name in (
+        ("asyncpg", "asyncpg connection"),
+        ("client session", "aiohttp ClientSession"),
+        ("connector", "aiohttp connector"),
+        ("transport", "transport"),
+        ("socket", "socket"),
+        ("event loop", "event loop"),
+        ("file", "file"),
+    ):
         if needle in lowered:
             return name
     return message.split(" <")[0]
@@ -180,7 +210,9 @@ def _reason(report) -> str:
         if kind in ("AssertionError", "Failed"):
             return text.splitlines()[0][:300] if text else "a check failed without saying why"
         if kind.endswith("Warning") and text:
-            return f"expected no warning, got {kind.rpartition('.')[2]}: {text.splitlines()[0][:200]}"
+            return (
+                f"expected no warning, got {kind.rpartition('.')[2]}: {text.splitlines()[0][:200]}"
+            )
         return f"the app raised {kind.rpartition('.')[2]}: {text.splitlines()[0][:200] if text else '(no message)'}"
     if isinstance(report.longrepr, tuple):  # a skip: (file, line, reason)
         return str(report.longrepr[2]).removeprefix("Skipped: ")
@@ -194,21 +226,50 @@ def main(argv: list[str]) -> int:
     chapter = chapters.get(argv[0])
     folder = Path(argv[1]).expanduser().resolve()
     if not (folder / "app.py").is_file():
-        print(f"{folder} has no app.py: point DIR at the folder that holds your chapter {chapter.number} app.py")
+        print(
+            f"{folder} has no app.py: point DIR at the folder that holds your chapter {chapter.number} app.py"
+        )
         return 2
-    modules = [str(c.test_module) for c in chapters.load() if c.index <= chapter.index and c.test_module.exists()]
+    modules = [
+        str(c.test_module)
+        for c in chapters.load()
+        if c.index <= chapter.index and c.test_module.exists()
+    ]
     print(f"Checking {folder} as chapter {chapter.number} ({chapter.title}),")
-    print(f"with the tests of chapters 01 to {chapter.number}: `{chapter.run}` is the command they run.\n")
+    print(
+        f"with the tests of chapters 01 to {chapter.number}: `{chapter.run}` is the command they run.\n"
+    )
     env = dict(os.environ, TUTORIAL_CHECK_CHAPTER=chapter.number, TUTORIAL_CHECK_DIR=str(folder))
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-o", "addopts=--strict-markers", "-p", "tutorial.check",
-         # The report itself says everything: no pytest summary, and leaks are one behaviour (above).
-         "-p", "no:terminal", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
-         *modules],
-        cwd=chapters.ROOT, env=env, stderr=subprocess.PIPE, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-o",
+            "addopts=--strict-markers",
+            "-p",
+            "tutorial.check",
+            # The report itself says everything: no pytest summary, and leaks are one behaviour (above).
+            "-p",
+            "no:terminal",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:unraisableexception",
+            *modules,
+        ],
+        cwd=chapters.ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
     )
     if result.returncode >= pytest.ExitCode.INTERNAL_ERROR:  # pytest itself could not run the tests
-        print(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "pytest could not start")
+        print(
+            result.stderr.strip().splitlines()[-1]
+            if result.stderr.strip()
+            else "pytest could not start"
+        )
     return result.returncode
 
 

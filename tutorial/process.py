@@ -1,4 +1,5 @@
 """Start a chapter the way a learner does (its documented command, in its folder) and stop it with SIGTERM."""
+
 from __future__ import annotations
 
 import contextlib
@@ -56,7 +57,8 @@ def is_gunicorn(cmdline: list[str]) -> bool:
     """Gunicorn's master itself: `python .../gunicorn ...` or `python -m gunicorn ...`."""
     program = Path(cmdline[0]).name if cmdline else ""
     return program.startswith(("python", "gunicorn")) and any(
-        Path(part).name == "gunicorn" for part in cmdline[:3])
+        Path(part).name == "gunicorn" for part in cmdline[:3]
+    )
 
 
 class Running:
@@ -69,8 +71,15 @@ class Running:
         self.url = f"http://127.0.0.1:{port}"
         self._log = tempfile.NamedTemporaryFile(prefix="chapter-", suffix=".log", delete=False)
         self.log_path = Path(self._log.name)
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -82,14 +91,22 @@ class Running:
     def wait_until(self, path: str = "/health", status: int = 200, timeout: float = 30.0) -> None:
         """Poll until `path` answers `status` and every worker can take a signal; fail early, with the
         output, if the process dies."""
+
         def answer() -> int:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the chapter exited with {self.proc.returncode}:\n{self.output()}")
+                raise RuntimeError(
+                    f"the chapter exited with {self.proc.returncode}:\n{self.output()}"
+                )
             return get(self.url + path, timeout=2)[0]
 
-        waiting.until(answer, timeout=timeout, waiting_for=f"{path} to answer {status}",
-                      done=lambda code: code == status, retry_on=(OSError,),
-                      seen=lambda last: f"{last}\n{self.output()}")
+        waiting.until(
+            answer,
+            timeout=timeout,
+            waiting_for=f"{path} to answer {status}",
+            done=lambda code: code == status,
+            retry_on=(OSError,),
+            seen=lambda last: f"{last}\n{self.output()}",
+        )
         self.workers_listening_for_signals()
 
     def expected_workers(self) -> int | None:
@@ -118,12 +135,18 @@ class Running:
             try:
                 top = psutil.Process(self.pid)
                 # Gunicorn's master is the process itself, or sits under unshare or a shell
-                masters = [p for p in [top, *top.children(recursive=True)] if is_gunicorn(p.cmdline())]
+                masters = [
+                    p for p in [top, *top.children(recursive=True)] if is_gunicorn(p.cmdline())
+                ]
                 if not masters:
                     return True  # python app.py, nginx: nothing of aiohttp's worker to wait for
                 children = masters[0].children()
-                masks = [int(Path(f"/proc/{c.pid}/status").read_text().split("SigCgt:")[1].split()[0], 16)
-                         for c in children]
+                masks = [
+                    int(
+                        Path(f"/proc/{c.pid}/status").read_text().split("SigCgt:")[1].split()[0], 16
+                    )
+                    for c in children
+                ]
             except (psutil.Error, OSError, IndexError):
                 return True
             seen = sorted(c.pid for c in children)
@@ -142,8 +165,11 @@ class Running:
 
         # A timeout is no error here: the caller sends its signal anyway, as it did before this wait.
         with contextlib.suppress(TimeoutError):
-            waiting.until(all_listening, timeout=timeout,
-                          waiting_for="every worker to install aiohttp's signal handlers")
+            waiting.until(
+                all_listening,
+                timeout=timeout,
+                waiting_for="every worker to install aiohttp's signal handlers",
+            )
 
     def terminate(self, timeout: float = 20.0) -> int:
         """SIGTERM, as a platform sends it; returns the exit code (or kills after `timeout`)."""
@@ -176,17 +202,25 @@ class Running:
         self._log.close()
         self.log_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "Running":
+    def __enter__(self) -> Running:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def start(chapter: Chapter, *, folder: Path | None = None, port: int | None = None,
-          database_url: str | None = None, **env: str) -> Running:
+def start(
+    chapter: Chapter,
+    *,
+    folder: Path | None = None,
+    port: int | None = None,
+    database_url: str | None = None,
+    **env: str,
+) -> Running:
     port = port or free_port()
-    return Running(chapter.argv, folder or chapter.folder, chapter_env(port, database_url, **env), port)
+    return Running(
+        chapter.argv, folder or chapter.folder, chapter_env(port, database_url, **env), port
+    )
 
 
 def listening_ports(pid: int) -> set[int]:
@@ -199,7 +233,9 @@ def listening_ports(pid: int) -> set[int]:
     ports = set()
     for proc in processes:
         try:
-            ports |= {c.laddr.port for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+            ports |= {
+                c.laddr.port for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+            }
         except psutil.Error:
             continue
     return ports

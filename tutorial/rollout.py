@@ -16,6 +16,7 @@ period (30 s), so SIGTERM races the endpoint removal and the drain races the kil
 
 It writes a JSON report and a chart, and its last line is the one the chapter page quotes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,9 @@ class Load:
     def __init__(self, url: str, admin_dsn: str, rate: int = RATE):
         self.url, self.admin_dsn, self.rate = url + PATH, admin_dsn, rate
         self.started = time.monotonic()
-        self.results: list[tuple[float, float, str]] = []  # (start, seconds, "ok" or a failure kind)
+        self.results: list[
+            tuple[float, float, str]
+        ] = []  # (start, seconds, "ok" or a failure kind)
         self.pg: list[tuple[float, int]] = []
         self.statuses: collections.Counter = collections.Counter()  # HTTP statuses that came back
         self._stop = threading.Event()
@@ -99,12 +102,14 @@ class Load:
             async with session.get(self.url) as response:
                 await response.read()
                 self.statuses[response.status] += 1
-                kind = "ok" if response.status == 200 else "5xx" if response.status >= 500 else "other"
+                kind = (
+                    "ok" if response.status == 200 else "5xx" if response.status >= 500 else "other"
+                )
         except aiohttp.ClientConnectorError:
             kind = "refused"
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError):
             kind = "reset"  # accepted, then closed without an answer
-        except asyncio.TimeoutError:
+        except TimeoutError:
             kind = "timeout"
         except aiohttp.ClientError:
             kind = "other"
@@ -118,7 +123,8 @@ class Load:
             while True:
                 count = await conn.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()")
+                    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                )
                 self.pg.append((self.now(), count))
                 await asyncio.sleep(0.2)
         finally:
@@ -126,8 +132,16 @@ class Load:
 
 
 class Rollout:
-    def __init__(self, fleet: Fleet, load: Load, setup: str = "chapter", *, progress_deadline: float | None = None,
-                 surge_env: dict | None = None, say=say):
+    def __init__(
+        self,
+        fleet: Fleet,
+        load: Load,
+        setup: str = "chapter",
+        *,
+        progress_deadline: float | None = None,
+        surge_env: dict | None = None,
+        say=say,
+    ):
         n = fleet.numbers
         self.fleet, self.load, self.setup, self.say = fleet, load, setup, say
         self.prestop = n.prestop if setup == "chapter" else ARTICLE["prestop"]
@@ -136,7 +150,10 @@ class Rollout:
         self.surge_env = surge_env or {}
         self.events: list[dict] = []
         self.stopped: str | None = None
-        self.pending, self.terminating = [], []  # surges not ready yet, old replicas on their way out
+        self.pending, self.terminating = (
+            [],
+            [],
+        )  # surges not ready yet, old replicas on their way out
         self._lock = threading.Lock()
 
     def mark(self, name: str, event: str) -> None:
@@ -231,16 +248,28 @@ def report(rollout: Rollout, load: Load, began: float, ended: float) -> dict:
     timeline = []
     for s in range(seconds):
         here = [r for r in results if s <= r[0] < s + 1]
-        timeline.append({"t": s, "requests": len(here),
-                         **{kind: sum(1 for r in here if r[2] == kind) for kind in KINDS}})
+        timeline.append(
+            {
+                "t": s,
+                "requests": len(here),
+                **{kind: sum(1 for r in here if r[2] == kind) for kind in KINDS},
+            }
+        )
     n = rollout.fleet.numbers
     return {
         "setup": rollout.setup,
-        "numbers": {"replicas": rollout.fleet.replica_count, "max_surge": n.max_surge,
-                    "prestop_s": rollout.prestop, "grace_s": rollout.grace,
-                    "graceful_timeout_s": rollout.fleet.graceful_timeout or n.graceful_timeout,
-                    "workers": n.workers, "pool_max_size": n.pool_max, "propagation_s": PROPAGATION,
-                    "rate_per_s": load.rate, "readiness_period_s": n.readiness.period},
+        "numbers": {
+            "replicas": rollout.fleet.replica_count,
+            "max_surge": n.max_surge,
+            "prestop_s": rollout.prestop,
+            "grace_s": rollout.grace,
+            "graceful_timeout_s": rollout.fleet.graceful_timeout or n.graceful_timeout,
+            "workers": n.workers,
+            "pool_max_size": n.pool_max,
+            "propagation_s": PROPAGATION,
+            "rate_per_s": load.rate,
+            "readiness_period_s": n.readiness.period,
+        },
         "requests": len(results),
         "failed": len(failed),
         "failed_by_kind": {kind: sum(1 for r in failed if r[2] == kind) for kind in KINDS},
@@ -256,9 +285,11 @@ def report(rollout: Rollout, load: Load, began: float, ended: float) -> dict:
 
 
 def last_line(r: dict) -> str:
-    return (f"rollout: {r['requests']} requests, {r['failed']} failed, p99 {r['p99_ms_before']:.1f} ms before, "
-            f"{r['p99_ms_during']:.1f} ms during; {r['postgres_connections_max']} PostgreSQL connections at most "
-            f"(budget {r['postgres_connections_budget']})")
+    return (
+        f"rollout: {r['requests']} requests, {r['failed']} failed, p99 {r['p99_ms_before']:.1f} ms before, "
+        f"{r['p99_ms_during']:.1f} ms during; {r['postgres_connections_max']} PostgreSQL connections at most "
+        f"(budget {r['postgres_connections_budget']})"
+    )
 
 
 def chart(r: dict, path: Path) -> None:
@@ -272,12 +303,23 @@ def chart(r: dict, path: Path) -> None:
     ax.plot(t, [row["requests"] for row in r["timeline"]], color="#3f51b5", label="requests/s")
     failures = ax.twinx()
     failed = [sum(row[k] for k in KINDS) for row in r["timeline"]]
-    failures.bar([row["t"] for row in r["timeline"]], failed, width=0.9, align="edge", color="#d32f2f",
-                 alpha=0.7, label="failed/s")
+    failures.bar(
+        [row["t"] for row in r["timeline"]],
+        failed,
+        width=0.9,
+        align="edge",
+        color="#d32f2f",
+        alpha=0.7,
+        label="failed/s",
+    )
     failures.set_ylabel("failed/s", color="#d32f2f")
     failures.set_ylim(0, max(10, max(failed, default=0) * 1.2))
-    marks = {"ready": ("#2e7d32", "surge ready"), "terminating": ("#ef6c00", "terminating"),
-             "out of": ("#616161", "out of the load balancer"), "SIGTERM": ("#6a1b9a", "SIGTERM")}
+    marks = {
+        "ready": ("#2e7d32", "surge ready"),
+        "terminating": ("#ef6c00", "terminating"),
+        "out of": ("#616161", "out of the load balancer"),
+        "SIGTERM": ("#6a1b9a", "SIGTERM"),
+    }
     for event in r["events"]:
         for word, (colour, _) in marks.items():
             if event["event"].startswith(word):
@@ -297,11 +339,21 @@ def chart(r: dict, path: Path) -> None:
 
 
 # -- make rollout -----------------------------------------------------------------------------------------
-def rehearse(fleet: Fleet, setup: str, *, rate: int = RATE, progress_deadline: float | None = None,
-             surge_env: dict | None = None, baseline: float = BASELINE, say=say) -> dict:
+def rehearse(
+    fleet: Fleet,
+    setup: str,
+    *,
+    rate: int = RATE,
+    progress_deadline: float | None = None,
+    surge_env: dict | None = None,
+    baseline: float = BASELINE,
+    say=say,
+) -> dict:
     """One rollout on a running fleet, under load; returns the report."""
     load = Load(fleet.url, fleet.admin_dsn, rate).start()
-    rollout = Rollout(fleet, load, setup, progress_deadline=progress_deadline, surge_env=surge_env, say=say)
+    rollout = Rollout(
+        fleet, load, setup, progress_deadline=progress_deadline, surge_env=surge_env, say=say
+    )
     fleet.rollout = rollout  # for an interrupted run to find
     try:
         progress = threading.Thread(target=show_progress, args=(load, say), daemon=True)
@@ -329,10 +381,18 @@ def show_progress(load: Load, say) -> None:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="make rollout", description=__doc__.split("\n")[0])
-    parser.add_argument("--setup", choices=("chapter", "article"), default=os.environ.get("SETUP") or "chapter")
-    parser.add_argument("--rate", type=int, default=RATE, help="requests per second (default %(default)s)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for <setup>.json and <setup>.png "
-                        "(default .data/rollout/)")
+    parser.add_argument(
+        "--setup", choices=("chapter", "article"), default=os.environ.get("SETUP") or "chapter"
+    )
+    parser.add_argument(
+        "--rate", type=int, default=RATE, help="requests per second (default %(default)s)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for <setup>.json and <setup>.png (default .data/rollout/)",
+    )
     return parser.parse_args(argv)
 
 
@@ -351,8 +411,12 @@ def main(argv: list[str]) -> int:
         say(f"taking over the make fleet running on localhost:{port} (pid {fleet.owner})")
         fleet.graceful_timeout = graceful or fleet.graceful_timeout  # for the replicas it starts
     else:
-        fleet = Fleet(runtime_dir().parent / f"rollout-fleet-{args.setup}", port=port, graceful_timeout=graceful,
-                      say=say)
+        fleet = Fleet(
+            runtime_dir().parent / f"rollout-fleet-{args.setup}",
+            port=port,
+            graceful_timeout=graceful,
+            say=say,
+        )
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -362,9 +426,11 @@ def main(argv: list[str]) -> int:
         if not attached:
             fleet.start()
         n = fleet.numbers
-        say(f"rollout, setup {args.setup}: {n.replicas} replicas, maxSurge {n.max_surge}, "
+        say(
+            f"rollout, setup {args.setup}: {n.replicas} replicas, maxSurge {n.max_surge}, "
             f"preStop {n.prestop if args.setup == 'chapter' else 0} s, {args.rate} requests/s through "
-            f"localhost:{port}")
+            f"localhost:{port}"
+        )
         result = rehearse(fleet, args.setup, rate=args.rate)
     except KeyboardInterrupt:
         if attached and getattr(fleet, "rollout", None):
@@ -383,7 +449,10 @@ def main(argv: list[str]) -> int:
     (out / f"{args.setup}.json").write_text(json.dumps(result, indent=1) + "\n")
     chart(result, out / f"{args.setup}.png")
     if result["failed"]:
-        say("failed by kind: " + ", ".join(f"{k} {v}" for k, v in result["failed_by_kind"].items() if v))
+        say(
+            "failed by kind: "
+            + ", ".join(f"{k} {v}" for k, v in result["failed_by_kind"].items() if v)
+        )
     if result["stopped"]:
         say(result["stopped"])
     say(f"report: {out / (args.setup + '.json')}, chart: {out / (args.setup + '.png')}")
@@ -403,19 +472,35 @@ def side_by_side(folder: Path = RUNS) -> str:
     runs = [json.loads((folder / f"{setup}.json").read_text()) for setup in ("chapter", "article")]
     rows = [
         ("preStop sleep", lambda r: f"{r['numbers']['prestop_s']} s"),
-        ("graceful_timeout / grace period",
-         lambda r: f"{r['numbers']['graceful_timeout_s']} s / {r['numbers']['grace_s']} s"),
+        (
+            "graceful_timeout / grace period",
+            lambda r: f"{r['numbers']['graceful_timeout_s']} s / {r['numbers']['grace_s']} s",
+        ),
         ("requests", lambda r: str(r["requests"])),
         ("failed", lambda r: f"**{r['failed']}**"),
-        ("failed, by kind", lambda r: ", ".join(f"{k} {v}" for k, v in r["failed_by_kind"].items() if v) or "none"),
+        (
+            "failed, by kind",
+            lambda r: ", ".join(f"{k} {v}" for k, v in r["failed_by_kind"].items() if v) or "none",
+        ),
         ("p99 before the rollout", lambda r: f"{r['p99_ms_before']:.1f} ms"),
         ("p99 during the rollout", lambda r: f"{r['p99_ms_during']:.1f} ms"),
         ("rollout took", lambda r: f"{r['rollout_s'][1] - r['rollout_s'][0]:.1f} s"),
-        ("PostgreSQL connections at most",
-         lambda r: f"{r['postgres_connections_max']} (budget {r['postgres_connections_budget']})"),
+        (
+            "PostgreSQL connections at most",
+            lambda r: (
+                f"{r['postgres_connections_max']} (budget {r['postgres_connections_budget']})"
+            ),
+        ),
     ]
     lines = ["| | `make rollout` | `make rollout SETUP=article` |", "|---|---|---|"]
     lines += [f"| {name} | {show(runs[0])} | {show(runs[1])} |" for name, show in rows]
-    lines += ["", '```console title="the last line of each run"', "$ make rollout", last_line(runs[0]),
-              "$ make rollout SETUP=article", last_line(runs[1]), "```"]
+    lines += [
+        "",
+        '```console title="the last line of each run"',
+        "$ make rollout",
+        last_line(runs[0]),
+        "$ make rollout SETUP=article",
+        last_line(runs[1]),
+        "```",
+    ]
     return "\n".join(lines)

@@ -4,6 +4,7 @@ DATABASE_URL, when set, names the database; otherwise a PostgreSQL server from t
 wheel is started with its files under .data/ (kept between runs) and the chapter's schema loaded.
 Ctrl-C or SIGTERM stops the chapter first (SIGTERM, as a platform would), then the database.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,9 @@ def main(argv: list[str]) -> int:
     chapter = chapters.get(argv[0]) if argv and argv[0] else chapters.latest()
     port = int(os.environ.get("PORT", "8080"))
     if process.port_in_use(port):
-        say(f"port {port} is already in use; stop what holds it or pick another: make run PORT=8081")
+        say(
+            f"port {port} is already in use; stop what holds it or pick another: make run PORT=8081"
+        )
         return 1
 
     server = None
@@ -43,7 +46,9 @@ def main(argv: list[str]) -> int:
                 server.start()
             except (DatabaseError, OSError) as exc:
                 say(f"PostgreSQL could not start: {exc}")
-                say("set DATABASE_URL to a server you run yourself, or delete .data/ to start afresh")
+                say(
+                    "set DATABASE_URL to a server you run yourself, or delete .data/ to start afresh"
+                )
                 return 1
             database_url = server.dsn()
         try:
@@ -51,8 +56,10 @@ def main(argv: list[str]) -> int:
         except DatabaseError as exc:
             schema = chapter.schema.relative_to(chapters.ROOT)
             if chapter.index >= FIRST_CHAPTER_LIVE_WITHOUT_DATABASE:
-                say(f"could not load {schema} into {database_url} ({one_line(exc)}); starting anyway: "
-                    "live, not ready until the database answers")
+                say(
+                    f"could not load {schema} into {database_url} ({one_line(exc)}); starting anyway: "
+                    "live, not ready until the database answers"
+                )
             else:
                 say(f"could not load {schema} into {database_url}: {exc}")
                 if server:

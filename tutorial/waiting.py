@@ -4,6 +4,7 @@ The waits in tutorial/ and tests/ go through `until` (or `until_async`, for a ch
 awaited), so each one ends the same way: a TimeoutError that says what we were waiting for and
 what we saw last.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,9 +16,16 @@ T = TypeVar("T")
 Retry = tuple[type[BaseException], ...]
 
 
-def until(check: Callable[[], T], *, timeout: float, waiting_for: str,
-          done: Callable[[T], bool] = bool, retry_on: Retry = (), every: float = 0.05,
-          seen: Callable[[Any], str] = str) -> T:
+def until(
+    check: Callable[[], T],
+    *,
+    timeout: float,
+    waiting_for: str,
+    done: Callable[[T], bool] = bool,
+    retry_on: Retry = (),
+    every: float = 0.05,
+    seen: Callable[[Any], str] = str,
+) -> T:
     """Call `check` until `done(result)`, and return that result.
 
     A result that is not done, or an exception named in `retry_on`, is what we saw; once `timeout`
@@ -40,9 +48,16 @@ def until(check: Callable[[], T], *, timeout: float, waiting_for: str,
         time.sleep(every)
 
 
-async def until_async(check: Callable[[], Awaitable[T]], *, timeout: float, waiting_for: str,
-                      done: Callable[[T], bool] = bool, retry_on: Retry = (), every: float = 0.05,
-                      seen: Callable[[Any], str] = str) -> T:
+async def until_async(
+    check: Callable[[], Awaitable[T]],
+    *,
+    timeout: float,
+    waiting_for: str,
+    done: Callable[[T], bool] = bool,
+    retry_on: Retry = (),
+    every: float = 0.05,
+    seen: Callable[[Any], str] = str,
+) -> T:
     """`until` for a check that is a coroutine function; it sleeps without blocking the loop."""
     deadline = time.monotonic() + timeout
     while True:

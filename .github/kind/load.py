@@ -1,5 +1,6 @@
 """Steady GETs against the users Service from inside the kind cluster, each on a new connection, for
 SECONDS seconds; prints the counts and exits 1 if any request failed."""
+
 import collections
 import os
 import time

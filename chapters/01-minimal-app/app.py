@@ -1,4 +1,5 @@
 """Chapter 01: the smallest useful aiohttp service, built by an app factory."""
+
 import logging
 import os
 
@@ -26,6 +27,8 @@ async def json_errors(request: web.Request, handler):
         return web.json_response(
             {"error": "Internal Server Error", "status": 500}, status=500
         )
+
+
 # --8<-- [end:errors]
 
 
@@ -36,6 +39,8 @@ async def index(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
 # --8<-- [end:handlers]
 
 
@@ -44,13 +49,16 @@ def create_app() -> web.Application:
     app = web.Application(middlewares=[json_errors])
     app.add_routes([web.get("/", index), web.get("/health", health)])
     return app
+
+
 # --8<-- [end:factory]
 
 
 # --8<-- [start:main]
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     port = int(os.environ.get("PORT", "8080"))
     web.run_app(create_app(), host="0.0.0.0", port=port)
 # --8<-- [end:main]

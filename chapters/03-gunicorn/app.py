@@ -1,4 +1,5 @@
 """Chapter 03: chapter 02's app under Gunicorn workers, a pool in each."""
+
 import asyncio
 import datetime
 import decimal
@@ -27,8 +28,11 @@ CONNECT_TIMEOUT = 5.0  # seconds; asyncpg waits 60 by default
 
 # "The database is not there right now", as opposed to a bug in our code.
 DB_UNAVAILABLE = (
-    OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError, asyncpg.InterfaceError,
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
 )
 # At startup a wrong password or database name is as fatal as no server.
 DB_STARTUP_ERRORS = DB_UNAVAILABLE + (asyncpg.PostgresError, ValueError)
@@ -68,8 +72,12 @@ async def json_errors(request: web.Request, handler):
         )
     # --8<-- [start:unavailable]
     except DB_UNAVAILABLE as exc:
-        log.warning("database unavailable on %s %s: %r",
-                    request.method, request.path, exc)
+        log.warning(
+            "database unavailable on %s %s: %r",
+            request.method,
+            request.path,
+            exc,
+        )
         return web.json_response(
             {"error": "Database Unavailable", "status": 503}, status=503
         )
@@ -92,15 +100,24 @@ async def pg_pool(app: web.Application):
         )
     except DB_STARTUP_ERRORS as exc:
         # One clear line, not a traceback, and a non-zero exit (erratum 11).
-        log.critical("cannot reach the database: %r; is DATABASE_URL right "
-                     "and the server up?", exc)
+        log.critical(
+            "cannot reach the database: %r; is DATABASE_URL right "
+            "and the server up?",
+            exc,
+        )
         raise SystemExit(EXIT_NO_DATABASE) from None
     app[db_pool] = pool
-    log.info("pool ready (pid %d, min_size=%d, max_size=%d)",
-             os.getpid(), POOL_MIN_SIZE, POOL_MAX_SIZE)
+    log.info(
+        "pool ready (pid %d, min_size=%d, max_size=%d)",
+        os.getpid(),
+        POOL_MIN_SIZE,
+        POOL_MAX_SIZE,
+    )
     yield
     await pool.close()
     log.info("pool closed (pid %d)", os.getpid())
+
+
 # --8<-- [end:pool]
 
 
@@ -124,10 +141,13 @@ async def get_user(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(reason="User Not Found")
     async with request.app[db_pool].acquire() as conn:
         row = await conn.fetchrow(
-            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id
+        )
     if row is None:
         raise web.HTTPNotFound(reason="User Not Found")
     return web.json_response(dict(row), dumps=dumps)
+
+
 # --8<-- [end:get_user]
 
 
@@ -135,19 +155,24 @@ async def get_user(request: web.Request) -> web.Response:
 def create_app() -> web.Application:
     app = web.Application(middlewares=[json_errors])
     app.cleanup_ctx.append(pg_pool)
-    app.add_routes([
-        web.get("/", index),
-        web.get("/health", health),
-        web.get("/users/{id:[1-9][0-9]{0,9}}", get_user),
-    ])
+    app.add_routes(
+        [
+            web.get("/", index),
+            web.get("/health", health),
+            web.get("/users/{id:[1-9][0-9]{0,9}}", get_user),
+        ]
+    )
     return app
+
+
 # --8<-- [end:factory]
 
 
 # --8<-- [start:main]
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     port = int(os.environ.get("PORT", "8080"))
     web.run_app(create_app(), host="0.0.0.0", port=port)
 # --8<-- [end:main]

@@ -1,4 +1,5 @@
 """Gunicorn settings for chapter 03. Run: gunicorn -c gunicorn.conf.py"""
+
 import os
 
 # --8<-- [start:app]
@@ -19,10 +20,16 @@ accesslog = "-"
 logconfig_dict = {
     "root": {"level": "INFO", "handlers": ["error_console"]},
     "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"],
-                           "propagate": False},
-        "gunicorn.access": {"level": "INFO", "handlers": ["console"],
-                            "propagate": False},
+        "gunicorn.error": {
+            "level": "INFO",
+            "handlers": ["error_console"],
+            "propagate": False,
+        },
+        "gunicorn.access": {
+            "level": "INFO",
+            "handlers": ["console"],
+            "propagate": False,
+        },
     },
 }
 # --8<-- [end:logging]
@@ -37,8 +44,14 @@ def when_ready(server):
     server.log.info(
         "connection budget: %d workers x min_size %d = %d at boot, "
         "x max_size %d = up to %d",
-        n, POOL_MIN_SIZE, n * POOL_MIN_SIZE, POOL_MAX_SIZE, n * POOL_MAX_SIZE,
+        n,
+        POOL_MIN_SIZE,
+        n * POOL_MIN_SIZE,
+        POOL_MAX_SIZE,
+        n * POOL_MAX_SIZE,
     )
+
+
 # --8<-- [end:budget]
 
 
@@ -62,7 +75,12 @@ def on_starting(server):
     try:
         asyncio.run(probe())
     except Exception as exc:  # whatever the cause, the same line and exit
-        server.log.critical("cannot reach the database: %r; is DATABASE_URL "
-                            "right and the server up?", exc)
+        server.log.critical(
+            "cannot reach the database: %r; is DATABASE_URL "
+            "right and the server up?",
+            exc,
+        )
         raise SystemExit(EXIT_NO_DATABASE) from None
+
+
 # --8<-- [end:preflight]

@@ -1,4 +1,5 @@
 """Chapter 05: graceful shutdown; an HTTP client in its own cleanup context."""
+
 import asyncio
 import datetime
 import decimal
@@ -33,8 +34,11 @@ UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 # "The database is not there right now", as opposed to a bug in our code.
 DB_UNAVAILABLE = (
-    OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError, asyncpg.InterfaceError,
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
 )
 # At startup a wrong password or database name is as fatal as no server.
 DB_STARTUP_ERRORS = DB_UNAVAILABLE + (asyncpg.PostgresError, ValueError)
@@ -74,8 +78,12 @@ async def json_errors(request: web.Request, handler):
         )
     # --8<-- [start:unavailable]
     except DB_UNAVAILABLE as exc:
-        log.warning("database unavailable on %s %s: %r",
-                    request.method, request.path, exc)
+        log.warning(
+            "database unavailable on %s %s: %r",
+            request.method,
+            request.path,
+            exc,
+        )
         return web.json_response(
             {"error": "Database Unavailable", "status": 503}, status=503
         )
@@ -98,15 +106,24 @@ async def pg_pool(app: web.Application):
         )
     except DB_STARTUP_ERRORS as exc:
         # One clear line, not a traceback, and a non-zero exit (erratum 11).
-        log.critical("cannot reach the database: %r; is DATABASE_URL right "
-                     "and the server up?", exc)
+        log.critical(
+            "cannot reach the database: %r; is DATABASE_URL right "
+            "and the server up?",
+            exc,
+        )
         raise SystemExit(EXIT_NO_DATABASE) from None
     app[db_pool] = pool
-    log.info("pool ready (pid %d, min_size=%d, max_size=%d)",
-             os.getpid(), POOL_MIN_SIZE, POOL_MAX_SIZE)
+    log.info(
+        "pool ready (pid %d, min_size=%d, max_size=%d)",
+        os.getpid(),
+        POOL_MIN_SIZE,
+        POOL_MAX_SIZE,
+    )
     yield
     await pool.close()
     log.info("pool closed (pid %d)", os.getpid())
+
+
 # --8<-- [end:pool]
 
 
@@ -114,8 +131,9 @@ async def pg_pool(app: web.Application):
 async def http_client(app: web.Application):
     # Made in the running loop: at module scope it raises (erratum 7).
     # After pg_pool: if the pool fails, no session is left open (erratum 9).
-    session = aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT,
-                                    raise_for_status=True)
+    session = aiohttp.ClientSession(
+        timeout=UPSTREAM_TIMEOUT, raise_for_status=True
+    )
     app[http_session] = session
     yield
     await session.close()
@@ -124,8 +142,11 @@ async def http_client(app: web.Application):
 
 async def announce_shutdown(app: web.Application) -> None:
     # on_shutdown: the socket is closed, in-flight requests not yet awaited.
-    log.info("shutdown started (pid %d): draining in-flight requests",
-             os.getpid())
+    log.info(
+        "shutdown started (pid %d): draining in-flight requests", os.getpid()
+    )
+
+
 # --8<-- [end:http_client]
 
 
@@ -149,10 +170,13 @@ async def get_user(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(reason="User Not Found")
     async with request.app[db_pool].acquire() as conn:
         row = await conn.fetchrow(
-            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id
+        )
     if row is None:
         raise web.HTTPNotFound(reason="User Not Found")
     return web.json_response(dict(row), dumps=dumps)
+
+
 # --8<-- [end:get_user]
 
 
@@ -162,12 +186,14 @@ async def upstream(request: web.Request) -> web.Response:
     try:
         async with request.app[http_session].get(UPSTREAM_URL) as response:
             body = await response.json(content_type=None)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise web.HTTPGatewayTimeout(reason="Upstream Timeout") from None
     # refused, an error status, or a body that is not JSON
     except (aiohttp.ClientError, ValueError):
         raise web.HTTPBadGateway(reason="Upstream Unavailable") from None
     return web.json_response({"upstream": body})
+
+
 # --8<-- [end:upstream]
 
 
@@ -177,20 +203,25 @@ def create_app() -> web.Application:
     app.cleanup_ctx.append(pg_pool)
     app.cleanup_ctx.append(http_client)
     app.on_shutdown.append(announce_shutdown)
-    app.add_routes([
-        web.get("/", index),
-        web.get("/health", health),
-        web.get("/users/{id:[1-9][0-9]{0,9}}", get_user),
-        web.get("/upstream", upstream),
-    ])
+    app.add_routes(
+        [
+            web.get("/", index),
+            web.get("/health", health),
+            web.get("/users/{id:[1-9][0-9]{0,9}}", get_user),
+            web.get("/upstream", upstream),
+        ]
+    )
     return app
+
+
 # --8<-- [end:factory]
 
 
 # --8<-- [start:main]
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     port = int(os.environ.get("PORT", "8080"))
     web.run_app(create_app(), host="0.0.0.0", port=port)
 # --8<-- [end:main]

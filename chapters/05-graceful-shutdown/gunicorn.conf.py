@@ -1,4 +1,5 @@
 """Gunicorn settings for chapter 05: gunicorn -c gunicorn.conf.py"""
+
 import os
 
 # --8<-- [start:app]
@@ -32,8 +33,11 @@ def post_worker_init(worker):
     import signal
 
     worker.loop.add_signal_handler(
-        signal.SIGTERM, worker.handle_quit, signal.SIGTERM, None)
+        signal.SIGTERM, worker.handle_quit, signal.SIGTERM, None
+    )
     worker.cfg.set("graceful_timeout", max(worker.cfg.graceful_timeout - 2, 0))
+
+
 # --8<-- [end:shutdown]
 
 # --8<-- [start:logging]
@@ -42,10 +46,16 @@ accesslog = "-"
 logconfig_dict = {
     "root": {"level": "INFO", "handlers": ["error_console"]},
     "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"],
-                           "propagate": False},
-        "gunicorn.access": {"level": "INFO", "handlers": ["console"],
-                            "propagate": False},
+        "gunicorn.error": {
+            "level": "INFO",
+            "handlers": ["error_console"],
+            "propagate": False,
+        },
+        "gunicorn.access": {
+            "level": "INFO",
+            "handlers": ["console"],
+            "propagate": False,
+        },
     },
 }
 # --8<-- [end:logging]
@@ -60,8 +70,14 @@ def when_ready(server):
     server.log.info(
         "connection budget: %d workers x min_size %d = %d at boot, "
         "x max_size %d = up to %d",
-        n, POOL_MIN_SIZE, n * POOL_MIN_SIZE, POOL_MAX_SIZE, n * POOL_MAX_SIZE,
+        n,
+        POOL_MIN_SIZE,
+        n * POOL_MIN_SIZE,
+        POOL_MAX_SIZE,
+        n * POOL_MAX_SIZE,
     )
+
+
 # --8<-- [end:budget]
 
 
@@ -85,7 +101,12 @@ def on_starting(server):
     try:
         asyncio.run(probe())
     except Exception as exc:  # whatever the cause, the same line and exit
-        server.log.critical("cannot reach the database: %r; is DATABASE_URL "
-                            "right and the server up?", exc)
+        server.log.critical(
+            "cannot reach the database: %r; is DATABASE_URL "
+            "right and the server up?",
+            exc,
+        )
         raise SystemExit(EXIT_NO_DATABASE) from None
+
+
 # --8<-- [end:preflight]

@@ -1,4 +1,5 @@
 """Chapter 06: /health says it is alive, /ready that it can serve."""
+
 import asyncio
 import datetime
 import decimal
@@ -35,8 +36,11 @@ UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 # "The database is not there right now", as opposed to a bug in our code.
 DB_UNAVAILABLE = (
-    OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError, asyncpg.InterfaceError,
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
 )
 # At startup a wrong password or database name is as fatal as no server.
 DB_STARTUP_ERRORS = DB_UNAVAILABLE + (asyncpg.PostgresError, ValueError)
@@ -76,8 +80,12 @@ async def json_errors(request: web.Request, handler):
         )
     # --8<-- [start:unavailable]
     except DB_UNAVAILABLE as exc:
-        log.warning("database unavailable on %s %s: %r",
-                    request.method, request.path, exc)
+        log.warning(
+            "database unavailable on %s %s: %r",
+            request.method,
+            request.path,
+            exc,
+        )
         return web.json_response(
             {"error": "Database Unavailable", "status": 503}, status=503
         )
@@ -99,8 +107,9 @@ class QuietRejections(logging.LoggerAdapter):
 
     def exception(self, msg, *args, exc_info=True, **kwargs):
         if isinstance(exc_info, HttpProcessingError):
-            self.info("rejected a malformed request (%s)",
-                      type(exc_info).__name__)
+            self.info(
+                "rejected a malformed request (%s)", type(exc_info).__name__
+            )
         else:
             super().exception(msg, *args, exc_info=exc_info, **kwargs)
 
@@ -108,6 +117,8 @@ class QuietRejections(logging.LoggerAdapter):
 async def plain_server_header(request, response) -> None:
     # Not "Python/3.x aiohttp/3.y": a version tells an attacker what to try.
     response.headers["Server"] = "aiohttp"
+
+
 # --8<-- [end:rejected]
 
 
@@ -121,25 +132,38 @@ async def pg_pool(app: web.Application):
             max_size=POOL_MAX_SIZE,
             timeout=CONNECT_TIMEOUT,
         )
-        log.info("pool ready (pid %d, min_size=%d, max_size=%d)",
-                 os.getpid(), POOL_MIN_SIZE, POOL_MAX_SIZE)
+        log.info(
+            "pool ready (pid %d, min_size=%d, max_size=%d)",
+            os.getpid(),
+            POOL_MIN_SIZE,
+            POOL_MAX_SIZE,
+        )
     except DB_UNAVAILABLE as exc:
         # Stay alive: with min_size=0 the pool connects on demand, so /ready
         # and /users turn healthy by themselves once the database answers.
-        log.warning("database unavailable at boot (%r): live, not ready, "
-                    "until it answers", exc)
-        pool = await asyncpg.create_pool(dsn=dsn, min_size=0,
-                                         max_size=POOL_MAX_SIZE,
-                                         timeout=CONNECT_TIMEOUT)
+        log.warning(
+            "database unavailable at boot (%r): live, not ready, "
+            "until it answers",
+            exc,
+        )
+        pool = await asyncpg.create_pool(
+            dsn=dsn,
+            min_size=0,
+            max_size=POOL_MAX_SIZE,
+            timeout=CONNECT_TIMEOUT,
+        )
     except DB_STARTUP_ERRORS as exc:
         # A wrong password or database name will not fix itself: stop.
-        log.critical("cannot use the database: %r; is DATABASE_URL right?",
-                     exc)
+        log.critical(
+            "cannot use the database: %r; is DATABASE_URL right?", exc
+        )
         raise SystemExit(EXIT_NO_DATABASE) from None
     app[db_pool] = pool
     yield
     await pool.close()
     log.info("pool closed (pid %d)", os.getpid())
+
+
 # --8<-- [end:pool]
 
 
@@ -147,8 +171,9 @@ async def pg_pool(app: web.Application):
 async def http_client(app: web.Application):
     # Made in the running loop: at module scope it raises (erratum 7).
     # After pg_pool: if the pool fails, no session is left open (erratum 9).
-    session = aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT,
-                                    raise_for_status=True)
+    session = aiohttp.ClientSession(
+        timeout=UPSTREAM_TIMEOUT, raise_for_status=True
+    )
     app[http_session] = session
     yield
     await session.close()
@@ -157,8 +182,11 @@ async def http_client(app: web.Application):
 
 async def announce_shutdown(app: web.Application) -> None:
     # on_shutdown: the socket is closed, in-flight requests not yet awaited.
-    log.info("shutdown started (pid %d): draining in-flight requests",
-             os.getpid())
+    log.info(
+        "shutdown started (pid %d): draining in-flight requests", os.getpid()
+    )
+
+
 # --8<-- [end:http_client]
 
 
@@ -195,6 +223,8 @@ async def select_1(pool: asyncpg.Pool) -> None:
     # Each step has its own bound, so the check ends after /ready answered.
     async with pool.acquire(timeout=READY_TIMEOUT) as conn:
         await conn.fetchval("SELECT 1", timeout=READY_TIMEOUT)
+
+
 # --8<-- [end:probes]
 
 
@@ -210,10 +240,13 @@ async def get_user(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(reason="User Not Found")
     async with request.app[db_pool].acquire() as conn:
         row = await conn.fetchrow(
-            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id
+        )
     if row is None:
         raise web.HTTPNotFound(reason="User Not Found")
     return web.json_response(dict(row), dumps=dumps)
+
+
 # --8<-- [end:get_user]
 
 
@@ -223,39 +256,47 @@ async def upstream(request: web.Request) -> web.Response:
     try:
         async with request.app[http_session].get(UPSTREAM_URL) as response:
             body = await response.json(content_type=None)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise web.HTTPGatewayTimeout(reason="Upstream Timeout") from None
     # refused, an error status, or a body that is not JSON
     except (aiohttp.ClientError, ValueError):
         raise web.HTTPBadGateway(reason="Upstream Unavailable") from None
     return web.json_response({"upstream": body})
+
+
 # --8<-- [end:upstream]
 
 
 # --8<-- [start:factory]
 def create_app() -> web.Application:
     server_log = QuietRejections(logging.getLogger("aiohttp.server"), {})
-    app = web.Application(middlewares=[json_errors],
-                          handler_args={"logger": server_log})
+    app = web.Application(
+        middlewares=[json_errors], handler_args={"logger": server_log}
+    )
     app.on_response_prepare.append(plain_server_header)
     app.cleanup_ctx.append(pg_pool)
     app.cleanup_ctx.append(http_client)
     app.on_shutdown.append(announce_shutdown)
-    app.add_routes([
-        web.get("/", index),
-        web.get("/health", health),
-        web.get("/ready", ready),
-        web.get("/users/{id:[1-9][0-9]{0,9}}", get_user),
-        web.get("/upstream", upstream),
-    ])
+    app.add_routes(
+        [
+            web.get("/", index),
+            web.get("/health", health),
+            web.get("/ready", ready),
+            web.get("/users/{id:[1-9][0-9]{0,9}}", get_user),
+            web.get("/upstream", upstream),
+        ]
+    )
     return app
+
+
 # --8<-- [end:factory]
 
 
 # --8<-- [start:main]
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     port = int(os.environ.get("PORT", "8080"))
     web.run_app(create_app(), host="0.0.0.0", port=port)
 # --8<-- [end:main]

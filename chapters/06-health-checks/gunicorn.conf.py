@@ -1,4 +1,5 @@
 """Gunicorn settings for chapter 06: gunicorn -c gunicorn.conf.py"""
+
 import os
 
 # --8<-- [start:app]
@@ -25,8 +26,15 @@ def post_fork(server, worker):
     for sock in worker.sockets:
         host, port = sock.getsockname()[:2]
         local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, host)
-        worker.log.info("worker %d listening on http://%s:%d (bound to %s)",
-                        worker.pid, local, port, host)
+        worker.log.info(
+            "worker %d listening on http://%s:%d (bound to %s)",
+            worker.pid,
+            local,
+            port,
+            host,
+        )
+
+
 # --8<-- [end:env]
 
 # --8<-- [start:container]
@@ -48,8 +56,11 @@ def post_worker_init(worker):
     import signal
 
     worker.loop.add_signal_handler(
-        signal.SIGTERM, worker.handle_quit, signal.SIGTERM, None)
+        signal.SIGTERM, worker.handle_quit, signal.SIGTERM, None
+    )
     worker.cfg.set("graceful_timeout", max(worker.cfg.graceful_timeout - 2, 0))
+
+
 # --8<-- [end:shutdown]
 
 # --8<-- [start:logging]
@@ -60,10 +71,16 @@ accesslog = None
 logconfig_dict = {
     "root": {"level": "INFO", "handlers": ["error_console"]},
     "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"],
-                           "propagate": False},
-        "gunicorn.access": {"level": "INFO", "handlers": ["console"],
-                            "propagate": False},
+        "gunicorn.error": {
+            "level": "INFO",
+            "handlers": ["error_console"],
+            "propagate": False,
+        },
+        "gunicorn.access": {
+            "level": "INFO",
+            "handlers": ["console"],
+            "propagate": False,
+        },
     },
 }
 # --8<-- [end:logging]
@@ -78,6 +95,12 @@ def when_ready(server):
     server.log.info(
         "connection budget: %d workers x min_size %d = %d at boot, "
         "x max_size %d = up to %d",
-        n, POOL_MIN_SIZE, n * POOL_MIN_SIZE, POOL_MAX_SIZE, n * POOL_MAX_SIZE,
+        n,
+        POOL_MIN_SIZE,
+        n * POOL_MIN_SIZE,
+        POOL_MAX_SIZE,
+        n * POOL_MAX_SIZE,
     )
+
+
 # --8<-- [end:budget]

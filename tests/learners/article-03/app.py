@@ -37,11 +37,13 @@ async def get_user(request):
 def create_app():
     app = web.Application()
     app.cleanup_ctx.append(pg_pool)
-    app.add_routes([
-        web.get("/", index),
-        web.get("/health", health),
-        web.get("/users/{id}", get_user),
-    ])
+    app.add_routes(
+        [
+            web.get("/", index),
+            web.get("/health", health),
+            web.get("/users/{id}", get_user),
+        ]
+    )
     return app
 
 

@@ -1,4 +1,5 @@
 """Chapter 01 with one mistake: an HTTP session opened at startup and never closed."""
+
 import logging
 import os
 
@@ -23,9 +24,7 @@ async def json_errors(request: web.Request, handler):
         )
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return web.json_response(
-            {"error": "Internal Server Error", "status": 500}, status=500
-        )
+        return web.json_response({"error": "Internal Server Error", "status": 500}, status=500)
 
 
 async def index(request: web.Request) -> web.Response:

@@ -49,7 +49,8 @@ async def database(app):
     url = os.environ.get("DATABASE_URL", "postgresql://postgres@localhost/postgres")
     try:
         app[PG] = await asyncpg.create_pool(
-            url, min_size=MIN_CONNECTIONS, max_size=MAX_CONNECTIONS, timeout=GIVE_UP_AFTER)
+            url, min_size=MIN_CONNECTIONS, max_size=MAX_CONNECTIONS, timeout=GIVE_UP_AFTER
+        )
     except (OSError, TimeoutError, asyncpg.PostgresError) as error:
         logger.critical("no database at DATABASE_URL (%s); giving up", error)
         sys.exit(1)
@@ -70,7 +71,8 @@ async def user_by_id(request):
     if not CANONICAL_ID.fullmatch(raw) or int(raw) >= 2**31:
         raise web.HTTPNotFound(reason="User Not Found")
     record = await request.app[PG].fetchrow(
-        "SELECT id, public_id, name, email, balance, created_at FROM users WHERE id = $1", int(raw))
+        "SELECT id, public_id, name, email, balance, created_at FROM users WHERE id = $1", int(raw)
+    )
     if record is None:
         raise web.HTTPNotFound(reason="User Not Found")
     return web.json_response(dict(record), dumps=lambda v: json.dumps(v, cls=RowEncoder))
