@@ -1,10 +1,11 @@
-"""Shared fixtures: one PostgreSQL per session, a fresh database per test, chapters loaded from their files.
+"""Shared fixtures: one PostgreSQL per session, a fresh database per test, chapters loaded from
+their files.
 
-A test module named test_NN_<slug>.py checks the behaviours chapter NN introduces; every test in it that
-takes the `chapter` fixture runs against chapter NN and every later chapter (the behaviours are
-cumulative). `@pytest.mark.chapters(until="05")` stops that at a chapter whose behaviour changes after.
-`make check` sets TUTORIAL_CHECK_CHAPTER and TUTORIAL_CHECK_DIR to run one chapter's tests on a
-learner's own folder.
+A test module named test_NN_<slug>.py checks the behaviours chapter NN introduces; every test in it
+that takes the `chapter` fixture runs against chapter NN and every later chapter (the behaviours are
+cumulative). `@pytest.mark.chapters(until="05")` stops that at a chapter whose behaviour changes
+after. `make check` sets TUTORIAL_CHECK_CHAPTER and TUTORIAL_CHECK_DIR to run one chapter's tests on
+a learner's own folder.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tutorial import expect, process
 from tutorial.database import DatabaseError, LocalPostgres, with_database
 
 
-# -- which chapters a test runs against ----------------------------------------------------------------
+# -- which chapters a test runs against ------------------------------------------------------------
 def checked_chapters() -> list[manifest.Chapter]:
     only = os.environ.get("TUTORIAL_CHECK_CHAPTER")
     if not only:
@@ -91,7 +92,7 @@ def reference(chapter):
     return load_module(manifest.ROOT / "chapters" / chapter.name / "app.py")
 
 
-# -- the database -----------------------------------------------------------------------------------------
+# -- the database ----------------------------------------------------------------------------------
 class ExternalPostgres:
     """The server named by TEST_DATABASE_URL: used as it is, never stopped."""
 
@@ -129,10 +130,11 @@ def db_url(pg, db_name) -> str:
     return pg.dsn(db_name)
 
 
-# -- the app, in process and as a learner runs it -----------------------------------------------------------
+# -- the app, in process and as a learner runs it --------------------------------------------------
 @pytest.fixture
 async def client(aiohttp_client, app_module, chapter, monkeypatch, request):
-    """pytest-aiohttp's client against the chapter's create_app(), with its database when it has one."""
+    """pytest-aiohttp's client against the chapter's create_app(), with its database when it has
+    one."""
     if chapter.schema:
         monkeypatch.setenv("DATABASE_URL", request.getfixturevalue("db_url"))
     return await aiohttp_client(app_module.create_app())
@@ -175,7 +177,7 @@ def pytest_report_header(config):
     ]
 
 
-# -- a Docker engine of our own, for the container tests (see tutorial/docker_engine.py) ----------------
+# -- a Docker engine of our own, for the container tests (see tutorial/docker_engine.py) -----------
 @pytest.fixture(scope="session")
 def docker():
     """dockerd with its own roots and no networking; stopped when the session ends."""
@@ -231,7 +233,8 @@ def image_context(chapter: manifest.Chapter, scratch: Path) -> Path:
 @pytest.fixture(scope="session")
 def images(docker, base_image, tmp_path_factory) -> dict[str, str]:
     """One image per chapter from 04 on, by chapter number, built once per session; they share every
-    layer but the chapter's own files. A chapter `make check` is checking is built from its folder."""
+    layer but the chapter's own files. A chapter `make check` is checking is built from its
+    folder."""
     scratch = tmp_path_factory.mktemp("image-contexts")
     checked = {c.number: c for c in checked_chapters()}
     return {
@@ -257,7 +260,7 @@ def pg_socket_dir(pg) -> str:
     return str(pg.socket_dir)
 
 
-# -- the docs site, built once per session for tests/test_docs.py and tests/test_site.py ----------------------
+# -- the docs site, built once per session for tests/test_docs.py and tests/test_site.py -----------
 @dataclasses.dataclass
 class BuiltSite:
     """The result of `mkdocs build --strict`: where the site went, and what the build printed."""
@@ -303,11 +306,11 @@ def built_site(tmp_path_factory) -> BuiltSite:
     return built
 
 
-# -- the last chapter in process, for tests that are not coroutines (the property test) ---------------------
+# -- the last chapter in process, for tests that are not coroutines (the property test) ------------
 @pytest.fixture
 def last_chapter_in_a_thread(pg, monkeypatch):
-    """The last chapter's create_app(), served by aiohttp in this process on an event loop of its own
-    in a thread, against a fresh database; yields (host, port) for raw requests."""
+    """The last chapter's create_app(), served by aiohttp in this process on an event loop of its
+    own in a thread, against a fresh database; yields (host, port) for raw requests."""
     import asyncio
     import threading
 
@@ -337,10 +340,11 @@ def last_chapter_in_a_thread(pg, monkeypatch):
         loop.close()
 
 
-# -- chapter 07's fleet: PostgreSQL, PgBouncer, replicas and HAProxy, all real (tutorial/fleet.py) ----------
+# -- chapter 07's fleet: PostgreSQL, PgBouncer, replicas and HAProxy, all real (tutorial/fleet.py)
 @pytest.fixture(scope="session")
 def fleet_tools() -> None:
-    """Debian's haproxy and pgbouncer; a learner's machine without them skips with what to install."""
+    """Debian's haproxy and pgbouncer; a learner's machine without them skips with what to
+    install."""
     from tutorial import fleet
 
     why = fleet.missing_tools()
@@ -350,8 +354,8 @@ def fleet_tools() -> None:
 
 @pytest.fixture(scope="module")
 def fleet(fleet_tools, tmp_path_factory):
-    """Chapter 07's fleet with the manifests' numbers, shared by a module's tests; each test leaves it
-    with as many ready replicas as it found."""
+    """Chapter 07's fleet with the manifests' numbers, shared by a module's tests; each test leaves
+    it with as many ready replicas as it found."""
     started = start_fleet(tmp_path_factory.mktemp("fleet"))
     yield started
     started.stop()

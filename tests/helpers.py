@@ -38,7 +38,8 @@ SAMPLE_USER = {
 
 
 def missing(what: str, how: str) -> None:
-    """A missing tool fails the run in CI and skips, with one line saying what to install, elsewhere."""
+    """A missing tool fails the run in CI and skips, with one line saying what to install,
+    elsewhere."""
     message = f"{what} is not available: {how}"
     if IN_CI:
         pytest.fail(message, pytrace=False)
@@ -55,7 +56,7 @@ def load_module(path: Path, name: str | None = None) -> ModuleType:
     return module
 
 
-# -- databases ----------------------------------------------------------------------------------------
+# -- databases -------------------------------------------------------------------------------------
 _templates: dict[tuple[str, str], str] = {}
 _counter = itertools.count(1)
 
@@ -86,10 +87,11 @@ def connections_to(pg, database: str) -> int:
 
 
 class UsersLock:
-    """A transaction of the test's own that holds an exclusive lock on users: every lookup waits for it.
+    """A transaction of the test's own that holds an exclusive lock on users: every lookup waits for
+    it.
 
-    A second connection watches pg_stat_activity: inside a transaction PostgreSQL would show the same
-    snapshot of it every time.
+    A second connection watches pg_stat_activity: inside a transaction PostgreSQL would show the
+    same snapshot of it every time.
     """
 
     def __init__(self, dsn: str):
@@ -169,7 +171,7 @@ class silent_server:
         self.sock.close()
 
 
-# -- a running chapter ----------------------------------------------------------------------------------
+# -- a running chapter -----------------------------------------------------------------------------
 def wait_for_lines(
     running, needle: str, count: int, timeout: float = 20.0, why: str = ""
 ) -> list[str]:

@@ -55,8 +55,8 @@ def test_runs_as_documented_and_stops_cleanly_on_sigterm(served):
 async def test_a_bug_in_a_handler_is_a_json_500_with_one_logged_traceback(
     aiohttp_client, app_module, chapter, monkeypatch, request, caplog
 ):
-    """A handler that raises a real bug answers JSON {"error": "Internal Server Error", "status": 500}
-    with no traceback in the body, and the traceback is logged once, on the server's side."""
+    """A handler that raises a real bug answers JSON {"error": "Internal Server Error", "status":
+    500} with no traceback in the body, and the traceback is logged once, on the server's side."""
     if chapter.schema:
         monkeypatch.setenv("DATABASE_URL", request.getfixturevalue("db_url"))
     app = app_module.create_app()

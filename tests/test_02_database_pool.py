@@ -28,7 +28,8 @@ async def test_only_listed_columns_leave_the_database(
     aiohttp_client, app_module, pg, db_name, monkeypatch, caplog
 ):
     """The query names its columns: a column the API does not list (password_hash) never leaks."""
-    # As a role that may read every column but password_hash, SELECT * is refused: seen from outside.
+    # As a role that may read every column but password_hash, SELECT * is refused: seen from
+    # outside.
     monkeypatch.setenv("DATABASE_URL", column_reader_dsn(pg, db_name))
     client = await aiohttp_client(app_module.create_app())
     response = await client.get("/users/1")
@@ -43,7 +44,8 @@ async def test_only_listed_columns_leave_the_database(
         "(PostgreSQL refused it to a role that may not read that column)"
     )
     assert "password_hash" not in body and "not-a-real-hash" not in body, (
-        f"expected no password_hash in the answer, got {said(response.status, response.content_type, body)}"
+        f"expected no password_hash in the answer, got "
+        f"{said(response.status, response.content_type, body)}"
     )
 
 
@@ -89,7 +91,8 @@ BAD_IDS = [
 
 @pytest.mark.parametrize("user_id", BAD_IDS)
 async def test_every_other_form_of_id_is_a_json_404(client, user_id):
-    """Letters, signs, spaces, leading zeros, non-ASCII digits, out-of-range and absurdly long ids: a JSON 404."""
+    """Letters, signs, spaces, leading zeros, non-ASCII digits, out-of-range and absurdly long ids:
+    a JSON 404."""
     body = await json_answer(await client.get(f"/users/{user_id}"), 404)
     assert body.get("status") == 404 and "id" not in body, (
         f'expected a JSON 404 with "status": 404 that does not echo the id, got {as_json(body)}'
@@ -115,7 +118,8 @@ async def test_the_pool_sits_behind_a_typed_app_key(
     aiohttp_client, app_module, db_url, monkeypatch
 ):
     """The pool is stored under a web.AppKey, not a string (erratum 8)."""
-    # Seen from outside: aiohttp flags a string key with NotAppKeyWarning, whatever the key is named.
+    # Seen from outside: aiohttp flags a string key with NotAppKeyWarning, whatever the key is
+    # named.
     monkeypatch.setenv("DATABASE_URL", db_url)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", web.NotAppKeyWarning)
@@ -164,7 +168,8 @@ async def test_both_dsn_schemes_work(
             f"{type(exc).__name__}: {exc}"
         ) from None
     assert connections_to(pg, db_name) > 0, (
-        f"expected the app to connect with a {scheme}:// DATABASE_URL, no connection reached the database"
+        f"expected the app to connect with a {scheme}:// DATABASE_URL, "
+        "no connection reached the database"
     )
 
 
@@ -184,10 +189,11 @@ def test_runs_as_documented_and_serves_the_sample_user(served):
     assert status == 404, f"expected GET /users/abc to answer 404, got {said(status, None, body)}"
 
 
-# -- a database that is not there at boot: fail fast, with one clear line ---------------------------------
+# -- a database that is not there at boot: fail fast, with one clear line --------------------------
 @pytest.mark.chapters(until="05")
 def test_unreachable_database_at_boot_exits_nonzero_with_one_clear_line(chapter):
-    """Nothing listens at DATABASE_URL: the process exits non-zero in seconds, saying why in one line."""
+    """Nothing listens at DATABASE_URL: the process exits non-zero in seconds, saying why in one
+    line."""
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     with start(chapter, database_url=dead, WEB_CONCURRENCY="2") as running:
         code = exit_code_within(running, 20)
@@ -197,7 +203,8 @@ def test_unreachable_database_at_boot_exits_nonzero_with_one_clear_line(chapter)
 
 @pytest.mark.chapters(until="05")
 def test_database_that_never_answers_does_not_stall_boot(chapter, reference):
-    """A server that accepts connections and says nothing: boot gives up after the connect timeout."""
+    """A server that accepts connections and says nothing: boot gives up after the connect
+    timeout."""
     # Bounded by the chapter's connect timeout (plus boot), nowhere near asyncpg's default of 60 s.
     limit = reference.CONNECT_TIMEOUT * 3
     with (
@@ -218,7 +225,7 @@ def test_database_that_never_answers_does_not_stall_boot(chapter, reference):
     says_the_database_is_away(code, output)
 
 
-# -- helpers ------------------------------------------------------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------------
 def exit_code_within(running, seconds: float, why: str = "") -> int:
     try:
         return running.proc.wait(timeout=seconds)

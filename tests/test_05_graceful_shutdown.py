@@ -1,9 +1,9 @@
 """Chapter 05: SIGTERM drains what is in flight and runs every teardown, within graceful_timeout; an
 outbound aiohttp.ClientSession lives in its own cleanup context.
 
-Each test runs against chapter 05 and every later chapter. Slow requests are slow for real: the test holds
-a lock on the users table, so GET /users/1 waits inside PostgreSQL; or /upstream calls a slow upstream
-server the test runs.
+Each test runs against chapter 05 and every later chapter. Slow requests are slow for real: the test
+holds a lock on the users table, so GET /users/1 waits inside PostgreSQL; or /upstream calls a slow
+upstream server the test runs.
 """
 
 import asyncio
@@ -24,7 +24,7 @@ from tutorial.process import free_port, get, start
 TEARDOWN = ("shutdown started", "http session closed", "pool closed")
 
 
-# -- helpers ----------------------------------------------------------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------------
 async def settled_connections(lock: UsersLock, timeout: float = 10.0) -> int:
     """The app's connections once backends have had a moment to exit; 0 as soon as it is 0."""
     try:
@@ -60,10 +60,11 @@ def assert_every_teardown_ran(output: str, workers: int) -> None:
     assert "Unclosed" not in output and "Traceback" not in output, output
 
 
-# -- SIGTERM with a request in flight ---------------------------------------------------------------------
+# -- SIGTERM with a request in flight --------------------------------------------------------------
 async def test_sigterm_lets_a_request_in_flight_finish(chapter, pg, db_name):
-    """A lookup blocked in the database when SIGTERM arrives still answers 200 once it can; then every
-    worker runs every teardown, the master exits 0 and no connection is left in pg_stat_activity."""
+    """A lookup blocked in the database when SIGTERM arrives still answers 200 once it can; then
+    every worker runs every teardown, the master exits 0 and no connection is left in
+    pg_stat_activity."""
     async with UsersLock(pg.dsn(db_name)) as lock:
         # the access log (off by default from chapter 06) shows when the request was answered
         with start(
@@ -97,9 +98,9 @@ async def test_sigterm_lets_a_request_in_flight_finish(chapter, pg, db_name):
 
 
 async def test_a_request_longer_than_graceful_timeout_is_cut(chapter, pg, db_name):
-    """A request still blocked when the drain ends is cancelled: the client's connection is closed with
-    not a single byte of response (no status line, no partial body). The teardown still runs, and the
-    master exits 0 within graceful_timeout plus a margin."""
+    """A request still blocked when the drain ends is cancelled: the client's connection is closed
+    with not a single byte of response (no status line, no partial body). The teardown still runs,
+    and the master exits 0 within graceful_timeout plus a margin."""
     graceful = 3
     async with UsersLock(pg.dsn(db_name)) as lock:
         with start(
@@ -133,7 +134,7 @@ async def test_a_request_longer_than_graceful_timeout_is_cut(chapter, pg, db_nam
         assert await settled_connections(lock) == 0
 
 
-# -- the outbound session ------------------------------------------------------------------------------------
+# -- the outbound session --------------------------------------------------------------------------
 class Upstream:
     """A local upstream service the chapter calls: JSON, slow JSON, HTML, or a 500, by path."""
 
@@ -167,8 +168,9 @@ async def upstream(aiohttp_server):
 async def test_outbound_call_in_flight_finishes_and_the_session_closes_cleanly(
     chapter, pg, db_name, upstream
 ):
-    """/upstream reaches the test's own upstream through the shared session; a call in flight at SIGTERM
-    still answers 200, and each worker closes its session with no "Unclosed client session" warning."""
+    """/upstream reaches the test's own upstream through the shared session; a call in flight at
+    SIGTERM still answers 200, and each worker closes its session with no "Unclosed client session"
+    warning."""
     with start(
         chapter,
         database_url=pg.dsn(db_name),
@@ -189,7 +191,8 @@ async def test_outbound_call_in_flight_finishes_and_the_session_closes_cleanly(
 
 @pytest.fixture
 async def app_with_upstream(aiohttp_client, app_module, db_url, monkeypatch):
-    """The chapter in process, its upstream calls bounded by a short timeout; `point(url)` aims them."""
+    """The chapter in process, its upstream calls bounded by a short timeout; `point(url)` aims
+    them."""
     monkeypatch.setenv("DATABASE_URL", db_url)
     monkeypatch.setattr(app_module, "UPSTREAM_TIMEOUT", aiohttp.ClientTimeout(total=0.5))
     client = await aiohttp_client(app_module.create_app())
@@ -217,8 +220,8 @@ async def test_upstream_json_is_passed_on(app_with_upstream, upstream):
 async def test_upstream_failures_are_json_gateway_errors(
     app_with_upstream, upstream, case, status, reason
 ):
-    """Nothing listening, a body that is not JSON, or an upstream 500: a JSON 502; no answer within the
-    client timeout: a JSON 504. Never a 500, never a traceback."""
+    """Nothing listening, a body that is not JSON, or an upstream 500: a JSON 502; no answer within
+    the client timeout: a JSON 504. Never a 500, never a traceback."""
     url = (
         f"http://127.0.0.1:{free_port()}/"
         if case == "refused"
@@ -232,9 +235,10 @@ async def test_upstream_failures_are_json_gateway_errors(
 
 @pytest.mark.chapters(until="05")  # chapter 06 boots without its database: nothing fails at startup
 async def test_the_session_has_its_own_cleanup_context_after_the_pool(app_module, monkeypatch):
-    """The pool's context comes first: when the database is away at startup, no session is ever opened
-    (erratum 9)."""
-    # That the session closes before the pool shows in every shutdown's log: assert_every_teardown_ran.
+    """The pool's context comes first: when the database is away at startup, no session is ever
+    opened (erratum 9)."""
+    # That the session closes before the pool shows in every shutdown's log:
+    # assert_every_teardown_ran.
     import gc
 
     def sessions() -> set[int]:

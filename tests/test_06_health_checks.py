@@ -1,9 +1,10 @@
-"""Chapter 06: /health (liveness) never touches the database; /ready (readiness) says whether it answers.
+"""Chapter 06: /health (liveness) never touches the database; /ready (readiness) says whether it
+answers.
 
-Each test runs against chapter 06 and every later chapter. Taking the database away is done for real: a
-PostgreSQL server of the test's own (the session's server is shared by every test) that the test stops
-and starts again, a listener that accepts connections and never answers, and a TCP forwarder to the
-database that the test can make go silent mid-connection.
+Each test runs against chapter 06 and every later chapter. Taking the database away is done for
+real: a PostgreSQL server of the test's own (the session's server is shared by every test) that the
+test stops and starts again, a listener that accepts connections and never answers, and a TCP
+forwarder to the database that the test can make go silent mid-connection.
 """
 
 import asyncio
@@ -43,7 +44,7 @@ def worker_pids(running) -> set[int]:
     return {child.pid for child in psutil.Process(running.pid).children()}
 
 
-# -- in process ---------------------------------------------------------------------------------------------
+# -- in process ------------------------------------------------------------------------------------
 async def test_ready_answers_200_when_the_database_answers(client):
     """With the database up, GET /ready answers 200 {"status": "ready"}."""
     response = await client.get("/ready")
@@ -52,15 +53,17 @@ async def test_ready_answers_200_when_the_database_answers(client):
 
 
 async def test_health_never_touches_the_database(client, reference, db_url):
-    """With every pool connection taken, /health still answers 200 at once, while /ready waits at most
-    READY_TIMEOUT for a connection and answers a JSON 503."""
+    """With every pool connection taken, /health still answers 200 at once, while /ready waits at
+    most READY_TIMEOUT for a connection and answers a JSON 503."""
     size, limit = reference.POOL_MAX_SIZE, reference.READY_TIMEOUT
-    # Taken from outside: max_size lookups, each holding its connection, wait on a lock the test holds.
+    # Taken from outside: max_size lookups, each holding its connection, wait on a lock the test
+    # holds.
     async with UsersLock(db_url) as lock:
         lookups = [asyncio.ensure_future(client.get("/users/1")) for _ in range(size)]
         await lock.wait_for_waiters(size)
         began = time.monotonic()
-        try:  # bounded, so a /health that queues for a connection fails now, not at pytest's timeout
+        # bounded, so a /health that queues for a connection fails now, not at pytest's timeout
+        try:
             response = await asyncio.wait_for(client.get("/health"), 1.0)
         except TimeoutError:
             raise AssertionError(
@@ -77,7 +80,8 @@ async def test_health_never_touches_the_database(client, reference, db_url):
         await json_answer(await client.get("/ready"), 503, UNAVAILABLE)
         took = time.monotonic() - began
         assert limit * 0.9 < took < limit + READY_MARGIN, (
-            f"expected /ready to wait READY_TIMEOUT={limit:g} s for a connection, it took {took:.1f} s"
+            f"expected /ready to wait READY_TIMEOUT={limit:g} s for a connection, "
+            f"it took {took:.1f} s"
         )
     for response in await asyncio.gather(*lookups):
         response.release()
@@ -167,8 +171,9 @@ def proxy(pg):
 async def test_database_gone_silent_does_not_stall_ready(
     aiohttp_client, app_module, reference, proxy, db_name, monkeypatch
 ):
-    """The database's connections go silent mid-use (no error, no answer): /ready still answers a JSON
-    503 within READY_TIMEOUT and /health 200; once the network is back, /ready is 200 by itself."""
+    """The database's connections go silent mid-use (no error, no answer): /ready still answers a
+    JSON 503 within READY_TIMEOUT and /health 200; once the network is back, /ready is 200 by
+    itself."""
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{proxy.port}/{db_name}")
     client = await aiohttp_client(app_module.create_app())
     assert (await client.get("/ready")).status == 200
@@ -193,7 +198,7 @@ async def test_database_gone_silent_does_not_stall_ready(
     assert (await client.get("/users/1")).status == 200
 
 
-# -- as a learner runs it, with a database of the test's own --------------------------------------------
+# -- as a learner runs it, with a database of the test's own ---------------------------------------
 @pytest.fixture(scope="module")
 def own_server(tmp_path_factory):
     """A second PostgreSQL the tests may stop: the session's server is shared by every test."""
@@ -245,8 +250,8 @@ def test_database_stopped_while_running(chapter, reference, own_server, own_db):
 
 
 def test_no_database_at_boot_stays_live_and_turns_ready_by_itself(chapter, own_server, own_db):
-    """Started with its database down, the service stays up: /health 200, /ready a JSON 503. Once the
-    database starts, /ready turns 200 with no restart."""
+    """Started with its database down, the service stays up: /health 200, /ready a JSON 503. Once
+    the database starts, /ready turns 200 with no restart."""
     own_server.stop()
     with start(chapter, database_url=own_db, WEB_CONCURRENCY="2") as running:
         running.wait_until("/health")
@@ -267,8 +272,8 @@ def test_no_database_at_boot_stays_live_and_turns_ready_by_itself(chapter, own_s
 
 
 def test_database_that_never_answers_at_boot_does_not_stall_ready(chapter, reference):
-    """A database that accepts connections and never answers: boot waits CONNECT_TIMEOUT at most, the
-    service stays live, and /ready answers a JSON 503 within READY_TIMEOUT every time."""
+    """A database that accepts connections and never answers: boot waits CONNECT_TIMEOUT at most,
+    the service stays live, and /ready answers a JSON 503 within READY_TIMEOUT every time."""
     with (
         silent_server() as port,
         start(
@@ -285,9 +290,10 @@ def test_database_that_never_answers_at_boot_does_not_stall_ready(chapter, refer
         assert running.terminate() == 0
 
 
-# -- what the benchmark changed (docs/performance.md) ---------------------------------------------------------
+# -- what the benchmark changed (docs/performance.md) ----------------------------------------------
 def test_workers_run_on_uvloop(chapter, pg, db_name):
-    """The workers are aiohttp's uvloop worker, and the app answers on uvloop's event loop as before."""
+    """The workers are aiohttp's uvloop worker, and the app answers on uvloop's event loop as
+    before."""
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="1") as running:
         running.wait_until("/ready")
         assert get(running.url + "/users/1")[0] == 200
@@ -309,8 +315,8 @@ def test_access_log_is_off_unless_asked_for(chapter, pg, db_name, cmd_args, line
 
 
 def test_each_worker_listens_on_a_socket_of_its_own(chapter, pg, db_name):
-    """With reuse_port every worker binds its own listening socket on PORT (the master holds none), so
-    the kernel spreads new connections over the workers; both answer."""
+    """With reuse_port every worker binds its own listening socket on PORT (the master holds none),
+    so the kernel spreads new connections over the workers; both answer."""
     with start(chapter, database_url=pg.dsn(db_name), WEB_CONCURRENCY="2") as running:
         running.wait_until("/ready")
         wait_for_lines(
@@ -332,7 +338,7 @@ def test_each_worker_listens_on_a_socket_of_its_own(chapter, pg, db_name):
         assert running.terminate() == 0
 
 
-# -- bounds a platform can rely on, whatever the module's own constants say -------------------------------
+# -- bounds a platform can rely on, whatever the module's own constants say ------------------------
 READY_BOUND = 3.0  # seconds: docs/chapters/06-health-checks.md promises /ready answers within this
 
 
@@ -352,8 +358,8 @@ async def test_ready_answers_within_the_bound_the_page_states(client, app_module
 async def test_users_answer_503_within_the_connect_timeout_when_the_database_never_answers(
     aiohttp_client, app_module, monkeypatch
 ):
-    """Booted against a server that accepts and never answers (the fallback pool), /users/1 is a JSON
-    503 within CONNECT_TIMEOUT plus a margin, not after asyncpg's own 60 s."""
+    """Booted against a server that accepts and never answers (the fallback pool), /users/1 is a
+    JSON 503 within CONNECT_TIMEOUT plus a margin, not after asyncpg's own 60 s."""
     with silent_server() as port:
         monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{port}/postgres")
         client = await aiohttp_client(app_module.create_app())
@@ -383,12 +389,12 @@ async def wait_for_background_checks(timeout: float) -> None:
 async def test_database_gone_silent_logs_no_error_from_asyncio(
     aiohttp_client, app_module, proxy, db_name, monkeypatch
 ):
-    """The checks that outlive their /ready end with an error nobody awaits; the app retrieves it, so
-    asyncio reports no "Task exception was never retrieved" (an ERROR line at every probe)."""
+    """The checks that outlive their /ready end with an error nobody awaits; the app retrieves it,
+    so asyncio reports no "Task exception was never retrieved" (an ERROR line at every probe)."""
     reported = []
     asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
-    # A log record keeps its exception, and so the finished check, alive: log nowhere, as in production
-    # where the record is written and dropped.
+    # A log record keeps its exception, and so the finished check, alive: log nowhere, as in
+    # production where the record is written and dropped.
     monkeypatch.setattr(logging.getLogger("app"), "propagate", False)
     monkeypatch.setattr(logging.getLogger("app"), "handlers", [logging.NullHandler()])
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{proxy.port}/{db_name}")
@@ -402,7 +408,7 @@ async def test_database_gone_silent_logs_no_error_from_asyncio(
     assert [c["message"] for c in reported] == []
 
 
-# -- requests HTTP itself rejects, before any middleware -----------------------------------------------------
+# -- requests HTTP itself rejects, before any middleware -------------------------------------------
 REJECTED = {
     "request-line-over-8190-bytes": b"GET /users/"
     + b"<script>" * 1100
@@ -410,7 +416,9 @@ REJECTED = {
     "header-over-8190-bytes": b"GET /users/1 HTTP/1.1\r\nHost: x\r\nX-Long: "
     + b"<b>" * 3000
     + b"\r\n\r\n",
-    "malformed-content-length": b"POST /users/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1x<i>\r\n\r\n",
+    "malformed-content-length": (
+        b"POST /users/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1x<i>\r\n\r\n"
+    ),
 }
 
 
@@ -463,7 +471,7 @@ async def test_server_header_names_no_versions(client):
         assert not re.search(r"\d|Python", server), f"{path}: Server: {server}"
 
 
-# -- arbitrary requests against the last chapter, in process -------------------------------------------------
+# -- arbitrary requests against the last chapter, in process ---------------------------------------
 TOKEN = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 OVERSIZED = "x" * 9000  # past aiohttp's 8190-byte limits on the request line and on a header
 ids = st.one_of(
@@ -525,9 +533,10 @@ def exchange(address: tuple[str, int], raw: bytes) -> tuple[int, dict[str, str],
 def test_arbitrary_requests_get_json_never_a_500_and_only_the_row_asked_for(
     last_chapter_in_a_thread, method, user_id, query, fields
 ):
-    """Any method, any path segment after /users/, any query string and header values, oversized ones
-    included: every answer the app makes is JSON; what HTTP rejects first is a short plain-text 400;
-    nothing is a 500; every answer comes within READY_BOUND; a row comes back only for its canonical id."""
+    """Any method, any path segment after /users/, any query string and header values, oversized
+    ones included: every answer the app makes is JSON; what HTTP rejects first is a short plain-text
+    400; nothing is a 500; every answer comes within READY_BOUND; a row comes back only for its
+    canonical id."""
     target = "/users/" + quote(user_id, safe="") + ("?" + quote(query, safe="=&") if query else "")
     lines = [
         f"{method} {target} HTTP/1.1",

@@ -30,7 +30,7 @@ from tutorial.database import execute
 FLEET = budget.load()
 
 
-# -- static proof: the manifests ------------------------------------------------------------------------
+# -- static proof: the manifests -------------------------------------------------------------------
 @pytest.mark.parametrize("version", budget.K8S_VERSIONS)
 @pytest.mark.parametrize("name", sorted(budget.documents()))
 def test_every_manifest_passes_strict_validation(name, version):
@@ -39,7 +39,8 @@ def test_every_manifest_passes_strict_validation(name, version):
 
 
 def test_the_native_sleep_prestop_is_why_the_floor_is_1_30():
-    """Kubernetes 1.28's schema rejects preStop.sleep, so the page's lowest version is not arbitrary."""
+    """Kubernetes 1.28's schema rejects preStop.sleep, so the page's lowest version is not
+    arbitrary."""
     with pytest.raises(kubernetes_validate.ValidationError, match="sleep"):
         kubernetes_validate.validate(budget.documents()["Deployment/users"], "1.28.0", strict=True)
 
@@ -57,8 +58,8 @@ def test_images_are_pinned():
 
 
 def test_the_pod_runs_locked_down():
-    """Non-root, read-only root, no privilege escalation, every capability dropped, seccomp RuntimeDefault,
-    DATABASE_URL from a Secret and WEB_CONCURRENCY from limits.cpu."""
+    """Non-root, read-only root, no privilege escalation, every capability dropped, seccomp
+    RuntimeDefault, DATABASE_URL from a Secret and WEB_CONCURRENCY from limits.cpu."""
     pod = budget.documents()["Deployment/users"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -77,7 +78,7 @@ def test_the_pod_runs_locked_down():
     )
 
 
-# -- static proof: the numbers, each check also shown to fail on a broken copy ------------------------------
+# -- static proof: the numbers, each check also shown to fail on a broken copy ---------------------
 def test_grace_period_covers_prestop_and_graceful_timeout():
     """terminationGracePeriodSeconds >= preStop sleep + graceful_timeout + margin."""
     assert budget.grace_problem(FLEET) is None, budget.grace_problem(FLEET)
@@ -118,12 +119,14 @@ def test_every_pool_fits_in_pgbouncer_during_a_rollout():
     broken = dataclasses.replace(FLEET, replicas=12)
     assert budget.client_budget_problem(broken) == (
         f"(replicas 12 + maxSurge 1) x workers {FLEET.workers} x max_size {FLEET.pool_max} = "
-        f"{13 * FLEET.workers * FLEET.pool_max} > PgBouncer's max_client_conn {FLEET.max_client_conn}"
+        f"{13 * FLEET.workers * FLEET.pool_max} > "
+        f"PgBouncer's max_client_conn {FLEET.max_client_conn}"
     )
 
 
 def test_pgbouncer_server_pool_fits_in_postgresql():
-    """PgBouncer's server pool <= max_connections - superuser_reserved_connections, in transaction mode."""
+    """PgBouncer's server pool <= max_connections - superuser_reserved_connections, in transaction
+    mode."""
     assert budget.server_budget_problem(FLEET) is None, budget.server_budget_problem(FLEET)
     broken = dataclasses.replace(
         FLEET, pgbouncer={**FLEET.pgbouncer, "default_pool_size": "120", "max_db_connections": "0"}
@@ -133,9 +136,10 @@ def test_pgbouncer_server_pool_fits_in_postgresql():
     )
 
 
-# -- live proof: PgBouncer and asyncpg ------------------------------------------------------------------------
+# -- live proof: PgBouncer and asyncpg -------------------------------------------------------------
 async def hammer(dsn: str, statement_cache_size: int, requests: int = 300) -> list[Exception]:
-    """Many concurrent parameterised queries through ten pooled connections; the errors they raise."""
+    """Many concurrent parameterised queries through ten pooled connections; the errors they
+    raise."""
     pool = await asyncpg.create_pool(
         dsn, min_size=10, max_size=10, statement_cache_size=statement_cache_size
     )
@@ -156,8 +160,8 @@ async def hammer(dsn: str, statement_cache_size: int, requests: int = 300) -> li
 
 
 async def test_default_statement_cache_fails_through_pgbouncer_in_transaction_mode(fleet):
-    """asyncpg's default cache (100 statements) breaks under concurrent load through PgBouncer 1.18 in
-    transaction mode; the chapter's DB_STATEMENT_CACHE_SIZE=0 does not."""
+    """asyncpg's default cache (100 statements) breaks under concurrent load through PgBouncer 1.18
+    in transaction mode; the chapter's DB_STATEMENT_CACHE_SIZE=0 does not."""
     errors = await hammer(fleet.database_url, statement_cache_size=100)
     assert errors, "the default statement cache worked through PgBouncer in transaction mode"
     assert {type(e) for e in errors} <= {
@@ -201,8 +205,8 @@ async def test_postgresql_sees_at_most_pgbouncer_pool_however_many_clients(fleet
 
 
 async def test_a_replica_names_itself_in_pg_stat_activity(fleet, monkeypatch):
-    """The chapter's pool, through PgBouncer, shows APPLICATION_NAME on the server connection that runs
-    its transaction. (Between transactions asyncpg's RESET ALL on release clears it again.)"""
+    """The chapter's pool, through PgBouncer, shows APPLICATION_NAME on the server connection that
+    runs its transaction. (Between transactions asyncpg's RESET ALL on release clears it again.)"""
     monkeypatch.setenv("APPLICATION_NAME", "users-7f9c4")
     app = load_module(budget.FOLDER / "app.py")
     pool = await app.create_pool(fleet.database_url, min_size=1, max_size=1)
@@ -221,7 +225,7 @@ async def test_a_replica_names_itself_in_pg_stat_activity(fleet, monkeypatch):
     assert active.split() == ["users-7f9c4"]
 
 
-# -- live proof: the rehearsed rollout -------------------------------------------------------------------------
+# -- live proof: the rehearsed rollout -------------------------------------------------------------
 def events_of(report: dict, name: str) -> dict[str, float]:
     return {
         e["event"].split(" (")[0].split(":")[0]: e["t"]
@@ -239,10 +243,11 @@ LAST_LINE = re.compile(
 def test_make_fleet_then_make_rollout_fails_no_request_and_ctrl_c_leaves_nothing(
     fleet_tools, tmp_path
 ):
-    """`make fleet`, then `make rollout` in a second terminal: every replica replaced under steady load in
-    Kubernetes' order with the manifests' numbers and no failed request; each old replica leaves the
-    load balancer before its SIGTERM and exits within its grace period; PostgreSQL never holds more than
-    PgBouncer's pool. Then Ctrl-C on `make fleet` stops everything, the rollout's replicas included."""
+    """`make fleet`, then `make rollout` in a second terminal: every replica replaced under steady
+    load in Kubernetes' order with the manifests' numbers and no failed request; each old replica
+    leaves the load balancer before its SIGTERM and exits within its grace period; PostgreSQL never
+    holds more than PgBouncer's pool. Then Ctrl-C on `make fleet` stops everything, the rollout's
+    replicas included."""
     env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
     log = tmp_path / "fleet.log"
     with open(log, "w") as out:
@@ -325,10 +330,10 @@ def test_article_setup_fails_requests_and_counts_them_by_kind(article_fleet):
         assert seen["SIGTERM"] < seen["out of the load balancer"], seen
 
 
-# -- faults ------------------------------------------------------------------------------------------------
+# -- faults ----------------------------------------------------------------------------------------
 def test_a_surge_replica_that_never_becomes_ready_stops_the_rollout(fleet):
-    """A surge replica whose DATABASE_URL names a database PgBouncer does not serve stays live and never
-    ready: the rollout stops at its progress deadline (shortened here from the manifest's
+    """A surge replica whose DATABASE_URL names a database PgBouncer does not serve stays live and
+    never ready: the rollout stops at its progress deadline (shortened here from the manifest's
     progressDeadlineSeconds to 6 s), the old replicas keep serving and no request fails."""
     before = {slot: r.name for slot, r in fleet.replicas.items()}
     wrong = fleet.database_url.rsplit("/", 1)[0] + "/no_such_database"
@@ -349,9 +354,9 @@ def test_a_surge_replica_that_never_becomes_ready_stops_the_rollout(fleet):
 
 
 def test_pgbouncer_stopped_under_load_turns_ready_to_503_and_back_without_restarts(fleet):
-    """With PgBouncer gone, under steady load through HAProxy, every replica's /ready answers 503 within
-    READY_TIMEOUT, nothing answers 500, /health stays 200; once it is back every replica is ready again
-    with the same processes."""
+    """With PgBouncer gone, under steady load through HAProxy, every replica's /ready answers 503
+    within READY_TIMEOUT, nothing answers 500, /health stays 200; once it is back every replica is
+    ready again with the same processes."""
     app = load_app_constants()
     pids = {
         r.name: {p.pid for p in psutil.Process(r.proc.pid).children()}
@@ -390,7 +395,10 @@ def load_app_constants() -> dict:
 def test_make_fleet_without_haproxy_says_what_to_install(tmp_path, command):
     """`make fleet` and `make rollout` without haproxy and pgbouncer: one line naming the packages,
     exit 1, and nothing started."""
-    code = f"import sys, tutorial.fleet as f, tutorial.{command} as m; f.SBIN = ''; sys.exit(m.main([]))"
+    code = (
+        f"import sys, tutorial.fleet as f, tutorial.{command} as m; "
+        "f.SBIN = ''; sys.exit(m.main([]))"
+    )
     env = {
         **os.environ,
         "PATH": os.path.dirname(sys.executable),
@@ -415,8 +423,8 @@ def test_make_fleet_without_haproxy_says_what_to_install(tmp_path, command):
 def interrupted(
     argv: list[str], tmp_path, wait_for: str, timeout: float = 90
 ) -> tuple[str, list[int]]:
-    """Run `argv` as make would, press Ctrl-C once `wait_for` is printed; its output and every pid it
-    had started."""
+    """Run `argv` as make would, press Ctrl-C once `wait_for` is printed; its output and every pid
+    it had started."""
     env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
     log = tmp_path / "out.log"
     with open(log, "w") as out:

@@ -41,7 +41,8 @@ class Report:
 
 
 def check(number: str, folder: Path) -> Report:
-    """`make check CHAPTER=number DIR=folder`, with pytest's numbered temp folders in a folder of its own."""
+    """`make check CHAPTER=number DIR=folder`, with pytest's numbered temp folders in a folder of
+    its own."""
     scratch = tempfile.mkdtemp(prefix="check-", dir="/tmp")
     try:
         result = subprocess.run(
@@ -99,7 +100,10 @@ APP_KEY = "The pool is stored under a web.AppKey, not a string (erratum 8)."
 POOL = "At startup the pool holds min_size connections; at cleanup it is closed and they are gone."
 SCHEMES = "postgres:// (what many platforms inject) and postgresql:// both connect."
 RUNS_02 = "The documented command serves /users/1, and exits 0 on SIGTERM after closing its pool."
-UNREACHABLE = "Nothing listens at DATABASE_URL: the process exits non-zero in seconds, saying why in one line."
+UNREACHABLE = (
+    "Nothing listens at DATABASE_URL: the process exits non-zero in seconds, saying why in one "
+    "line."
+)
 SILENT = (
     "A server that accepts connections and says nothing: boot gives up after the connect timeout."
 )
@@ -116,24 +120,32 @@ BUDGET_LINE = (
 ACCESS_LOG = "Every request leaves one access-log line with its path and status."
 PORT_03 = "PORT picks the port Gunicorn listens on (the served fixture sets a free one)."
 BUG = (
-    'A handler that raises a real bug answers JSON {"error": "Internal Server Error", "status": 500} '
+    'A handler that raises a real bug answers JSON {"error": "Internal Server Error", '
+    '"status": 500} '
     "with no traceback in the body, and the traceback is logged once, on the server's side."
 )
 CLEAN_LOG = (
     "Boot, a few ordinary requests, SIGTERM: from the first line to the exit, no line says Error, "
-    "ERROR or Errno and no traceback is printed (chapter 06's uvloop worker once logged an Errno 9)."
+    "ERROR or Errno and no traceback is printed (chapter 06's uvloop worker once logged an "
+    "Errno 9)."
 )
 LISTENS = (
     "The log names the address as a URL with the port Gunicorn bound; pasted into curl, it answers."
 )
 LEAKS = "Nothing the app opens is left open once it stops: no connection, session or socket."
 
-JSON_404 = 'expected a JSON 404 {"error": "Not Found", "status": 404}, got a text/plain 404 `404: Not Found`'
+JSON_404 = (
+    'expected a JSON 404 {"error": "Not Found", "status": 404}, got a text/plain 404 '
+    "`404: Not Found`"
+)
 JSON_405 = (
     'expected a JSON 405 {"error": "Method Not Allowed", "status": 405}, got a text/plain 405 '
     "`405: Method Not Allowed`"
 )
-USER_404 = 'expected a JSON 404 {"error": "User Not Found", "status": 404}, got a text/plain 404 `404: Not Found`'
+USER_404 = (
+    'expected a JSON 404 {"error": "User Not Found", "status": 404}, got a text/plain 404 '
+    "`404: Not Found`"
+)
 ANSWERS_500 = "a text/plain 500 `500 Internal Server Error Server got itself in trouble`"
 STRING_KEY = (
     "expected every key under a typed web.AppKey, got a string key at app.py:{line} "
@@ -148,7 +160,8 @@ ERRATUM_01 = re.compile(
 
 
 def port_8080_is_free() -> bool:
-    """The article's app listens on 8080 whatever PORT says; if something else holds 8080, it cannot."""
+    """The article's app listens on 8080 whatever PORT says; if something else holds 8080, it
+    cannot."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -159,8 +172,8 @@ def port_8080_is_free() -> bool:
 
 
 def assert_in_words(report: Report) -> None:
-    """Every reason is a sentence that says what was expected; nothing but the next steps follows the
-    summary; no traceback anywhere."""
+    """Every reason is a sentence that says what was expected; nothing but the next steps follows
+    the summary; no traceback anywhere."""
     for text, (verdict, reasons) in report.behaviours.items():
         if verdict == "FAIL":
             assert reasons, text
@@ -180,8 +193,8 @@ def assert_in_words(report: Report) -> None:
 
 
 def test_article_02_passes_what_it_gets_right_and_fails_each_lesson_for_its_own_reason(article_02):
-    """The article's chapter 02 code: GET /, GET /health, the factory, the run, the pool's life and both
-    DSN schemes pass; each lesson it misses fails with its own reason."""
+    """The article's chapter 02 code: GET /, GET /health, the factory, the run, the pool's life and
+    both DSN schemes pass; each lesson it misses fails with its own reason."""
     report = article_02
     assert_in_words(report)
     passing = {INDEX, HEALTH, FACTORY, POOL, SCHEMES, LEAKS}
@@ -237,7 +250,8 @@ def test_article_02_passes_what_it_gets_right_and_fails_each_lesson_for_its_own_
         "expected one clear line and no traceback, got a traceback for `ConnectionRefusedError: "
     )
     assert report.reasons(SILENT)[0].startswith(
-        "expected boot to give up within 15 s (the chapter's connect timeout is 5 s; asyncpg's own is 60 s), "
+        "expected boot to give up within 15 s (the chapter's connect timeout is 5 s; asyncpg's "
+        "own is 60 s), "
         "it was still waiting"
     )
     if port_8080_is_free():
@@ -259,8 +273,9 @@ def test_article_02_passes_what_it_gets_right_and_fails_each_lesson_for_its_own_
 
 
 def test_article_03_fails_every_run_on_the_bare_factory(article_03):
-    """The article's Gunicorn command (app:create_app, no call) as the config the chapter runs: every
-    behaviour that runs it fails with erratum 1's own words; the in-process ones read as in chapter 02."""
+    """The article's Gunicorn command (app:create_app, no call) as the config the chapter runs:
+    every behaviour that runs it fails with erratum 1's own words; the in-process ones read as in
+    chapter 02."""
     report = article_03
     assert_in_words(report)
     runs = {
@@ -302,8 +317,10 @@ def test_article_03_fails_every_run_on_the_bare_factory(article_03):
     for behaviour in (UNREACHABLE, SILENT):
         assert report.reasons(behaviour) == [
             (
-                "expected one clear line and no traceback, got a traceback for `RuntimeError: wsgi app should be "
-                "either Application or async function returning Application, got <function create_app>`"
+                "expected one clear line and no traceback, got a traceback for `RuntimeError: "
+                "wsgi app should be "
+                "either Application or async function returning Application, got "
+                "<function create_app>`"
             )
         ]
     assert report.reasons(APP_KEY) == [STRING_KEY.format(line=18)]
@@ -311,8 +328,8 @@ def test_article_03_fails_every_run_on_the_bare_factory(article_03):
 
 
 def test_a_correct_folder_with_other_names_passes_every_behaviour():
-    """A chapter 02 sharing no name with ours but create_app() passes every behaviour, and is sent on to
-    chapter 03."""
+    """A chapter 02 sharing no name with ours but create_app() passes every behaviour, and is sent
+    on to chapter 03."""
     report = check("02", LEARNERS / "other-names-02")
     assert_in_words(report)
     assert report.verdicts("FAIL") == set() and report.verdicts("SKIP") == set()
@@ -326,8 +343,8 @@ def test_a_correct_folder_with_other_names_passes_every_behaviour():
 
 
 def test_a_session_left_open_is_one_behaviour_line():
-    """Chapter 01 that never closes its ClientSession: every behaviour passes but the leak, which is one
-    line naming what was left open, with no traceback after the summary."""
+    """Chapter 01 that never closes its ClientSession: every behaviour passes but the leak, which is
+    one line naming what was left open, with no traceback after the summary."""
     report = check("01", LEARNERS / "leaky-01")
     assert_in_words(report)
     assert report.verdicts("FAIL") == {LEAKS}

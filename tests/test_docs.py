@@ -1,8 +1,9 @@
-"""The tutorial site, as source and as built HTML: every chapter has its page, every piece of code on a
-chapter page comes from the chapter's files, every diff is the real diff, every answer shown is real.
+"""The tutorial site, as source and as built HTML: every chapter has its page, every piece of code
+on a chapter page comes from the chapter's files, every diff is the real diff, every answer shown is
+real.
 
-The site is built once per session by the `built_site` fixture (conftest.py); tests/test_site.py opens
-the same build in a browser.
+The site is built once per session by the `built_site` fixture (conftest.py); tests/test_site.py
+opens the same build in a browser.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ ROOT = manifest.ROOT
 DOCS = ROOT / "docs"
 CHAPTERS = manifest.load()
 ERRATA = range(1, 14)  # docs/errata.md lists thirteen
-# The only blocks a chapter page may type by hand: shell sessions (commands, curl lines and answers).
+# The only blocks a chapter page may type by hand: shell sessions (commands, curl lines and
+# answers).
 TYPED = {"console"}
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,})(?P<lang>[\w+-]*)(?P<attrs>[^\n`]*)$")
 INCLUDE = re.compile(r'^--8<-- "(?P<path>[^":]+)(?::(?P<section>[a-z][-_0-9a-z]*))?"$')
@@ -88,7 +90,8 @@ def resolve(path: str) -> Path | None:
 def rendered_blocks(page_html: str, lang: str) -> list[tuple[str, str]]:
     """(title, text) of each highlighted block of a language, as the reader sees it."""
     pattern = re.compile(
-        rf'<div class="language-{lang} highlight">(?:<span class="filename">(?P<title>[^<]*)</span>)?'
+        rf'<div class="language-{lang} highlight">'
+        r'(?:<span class="filename">(?P<title>[^<]*)</span>)?'
         r"<pre>.*?<code>(?P<code>.*?)</code></pre>",
         re.S,
     )
@@ -101,30 +104,32 @@ def rendered_blocks(page_html: str, lang: str) -> list[tuple[str, str]]:
     ]
 
 
-# -- the build ---------------------------------------------------------------------------------------------
+# -- the build -------------------------------------------------------------------------------------
 def test_strict_build_passes_without_a_warning(built_site):
-    """`mkdocs build --strict` exits 0 and prints no WARNING: every include, link and anchor resolves."""
+    """`mkdocs build --strict` exits 0 and prints no WARNING: every include, link and anchor
+    resolves."""
     assert built_site.returncode == 0, built_site.output
     assert "WARNING" not in built_site.output, built_site.output
     assert (built_site.path / "index.html").exists()
 
 
-# -- pages and navigation ------------------------------------------------------------------------------
+# -- pages and navigation --------------------------------------------------------------------------
 def test_every_chapter_has_a_page_and_a_nav_entry_in_order(built_site):
-    """chapters.toml's chapters each have docs/chapters/NN-slug.md and a link in the navigation, in order."""
+    """chapters.toml's chapters each have docs/chapters/NN-slug.md and a link in the navigation, in
+    order."""
     nav = built_site.page("")
     for chapter in CHAPTERS:
         assert page_source(chapter).exists(), f"docs/chapters/{chapter.name}.md is missing"
     positions = [nav.find(f'href="{page_url(chapter)}"') for chapter in CHAPTERS]
-    assert -1 not in positions, dict(zip([c.name for c in CHAPTERS], positions))
+    assert -1 not in positions, dict(zip([c.name for c in CHAPTERS], positions, strict=True))
     assert positions == sorted(positions), "the navigation lists the chapters out of order"
     for chapter in CHAPTERS:
         assert f"{chapter.number} · {chapter.title}" in html.unescape(nav)
 
 
 def test_every_chapter_page_names_a_chapter_that_exists():
-    """No page under docs/chapters/ outlives its chapter: each one's name is a chapter in chapters.toml
-    and its folder exists."""
+    """No page under docs/chapters/ outlives its chapter: each one's name is a chapter in
+    chapters.toml and its folder exists."""
     known = {chapter.name: chapter for chapter in CHAPTERS}
     pages = sorted((DOCS / "chapters").glob("*.md"))
     assert pages
@@ -152,17 +157,18 @@ def test_chapter_pages_link_their_neighbours(built_site):
 
 
 def test_performance_page_is_listed_exactly_when_it_exists(built_site):
-    """docs/performance.md (written with the benchmark) gets its nav entry once it exists, never before."""
+    """docs/performance.md (written with the benchmark) gets its nav entry once it exists, never
+    before."""
     nav = built_site.page("")
     assert ('href="performance/"' in nav) == (DOCS / "performance.md").exists()
     assert ("How fast is it" in nav) == (DOCS / "performance.md").exists()
 
 
-# -- code on chapter pages comes from the chapters ------------------------------------------------------
+# -- code on chapter pages comes from the chapters -------------------------------------------------
 @pytest.mark.parametrize("page_of", CHAPTERS, ids=[c.name for c in CHAPTERS])
 def test_code_on_a_chapter_page_is_included_from_its_files(page_of):
-    """Every block that is not a shell session is a snippet include of the chapter's own folder (or a
-    file at the repository root, such as the Dockerfile), titled with the file's path."""
+    """Every block that is not a shell session is a snippet include of the chapter's own folder (or
+    a file at the repository root, such as the Dockerfile), titled with the file's path."""
     chapter = page_of
     blocks = code_blocks(page_source(chapter).read_text())
     shown = 0
@@ -228,7 +234,7 @@ def test_included_code_reaches_the_page(built_site, page_of):
                 )
 
 
-# -- the diff is generated, and matches diff(1) --------------------------------------------------------
+# -- the diff is generated, and matches diff(1) ----------------------------------------------------
 def folder_diff(old: manifest.Chapter, new: manifest.Chapter) -> dict[str, list[str]]:
     """`diff -ruN` of two chapter folders, per file, from the first hunk on."""
     tool = shutil.which("diff")
@@ -258,8 +264,8 @@ def folder_diff(old: manifest.Chapter, new: manifest.Chapter) -> dict[str, list[
 
 @pytest.mark.parametrize("page_of", CHAPTERS[1:], ids=[c.name for c in CHAPTERS[1:]])
 def test_diff_on_the_page_is_diff_of_the_two_folders(built_site, page_of):
-    """'What changed since chapter N-1' shows, file by file, exactly the hunks `diff -ruN` prints for the
-    two chapter folders, and names the two folders."""
+    """'What changed since chapter N-1' shows, file by file, exactly the hunks `diff -ruN` prints
+    for the two chapter folders, and names the two folders."""
     chapter = page_of
     before = chapter.previous
     page = built_site.page(page_url(chapter))
@@ -273,8 +279,8 @@ def test_diff_on_the_page_is_diff_of_the_two_folders(built_site, page_of):
     assert expected, f"{chapter.name} is identical to {before.name}"
     assert sorted(shown) == sorted(expected)
     for name in expected:
-        # Markdown empties a line of spaces, so a blank context line (" ") reads as "" on the page, and
-        # a code block cannot end in a blank line: a trailing blank context line is not shown.
+        # Markdown empties a line of spaces, so a blank context line (" ") reads as "" on the page,
+        # and a code block cannot end in a blank line: a trailing blank context line is not shown.
         wanted = [line.rstrip() for line in expected[name]]
         while wanted and wanted[-1] == "":
             wanted.pop()
@@ -282,12 +288,13 @@ def test_diff_on_the_page_is_diff_of_the_two_folders(built_site, page_of):
     assert f"What changed since chapter {before.number}" in page
 
 
-# -- what the page says the chapter answers is what it answers ------------------------------------------
+# -- what the page says the chapter answers is what it answers -------------------------------------
 CURL = re.compile(r"^\$ curl -s localhost:8080(?P<path>/\S*)$")
 
 
 def curl_answers(chapter: manifest.Chapter, title: str | None) -> list[tuple[str, str]]:
-    """(path, answer) for each `$ curl -s localhost:8080/path` line in the page's console blocks with this title."""
+    """(path, answer) for each `$ curl -s localhost:8080/path` line in the page's console blocks
+    with this title."""
     found = []
     for block in code_blocks(page_source(chapter).read_text()):
         if block["lang"] != "console" or block["title"] != title:
@@ -301,9 +308,10 @@ def curl_answers(chapter: manifest.Chapter, title: str | None) -> list[tuple[str
 
 
 def test_curl_answers_on_chapter_pages_are_real(chapter, served):
-    """Every `curl` line under "Try it" is sent to the chapter, started with its documented command, and
-    the answer printed on the page is the body it really returns, byte for byte. A block titled
-    "without a database" is checked against the chapter started with a database that refuses connections."""
+    """Every `curl` line under "Try it" is sent to the chapter, started with its documented command,
+    and the answer printed on the page is the body it really returns, byte for byte. A block titled
+    "without a database" is checked against the chapter started with a database that refuses
+    connections."""
     shown = curl_answers(chapter, None)
     assert shown, f"{chapter.name}.md has no curl lines to try"
     for path, answer in shown:
@@ -330,9 +338,10 @@ def test_curl_answers_on_chapter_pages_are_real(chapter, served):
             running.close()
 
 
-# -- the errata, and the admonitions that point at them -------------------------------------------------
+# -- the errata, and the admonitions that point at them --------------------------------------------
 def test_every_erratum_has_a_section_with_links_to_its_tests(built_site):
-    """The errata page has a section per erratum, each with at least one link to a test that exists."""
+    """The errata page has a section per erratum, each with at least one link to a test that
+    exists."""
     page = built_site.page("errata/")
     tests = {p.stem: p.read_text() for p in (ROOT / "tests").glob("test_*.py")}
     for number in ERRATA:
@@ -370,10 +379,10 @@ def test_where_the_article_differs_a_chapter_says_so_and_links_the_proof(built_s
     )
 
 
-# -- pictures and the offline rule ------------------------------------------------------------------------
+# -- pictures and the offline rule -----------------------------------------------------------------
 def test_pictures_are_self_contained_svg_used_by_pages(built_site):
-    """The process model and the shutdown timeline are SVG files that parse, load nothing from elsewhere,
-    and appear on the pages that explain them."""
+    """The process model and the shutdown timeline are SVG files that parse, load nothing from
+    elsewhere, and appear on the pages that explain them."""
     for name, pages in {
         "process-model.svg": ["chapters/03-gunicorn/", "reference/"],
         "shutdown-timeline.svg": ["chapters/05-graceful-shutdown/", "reference/"],

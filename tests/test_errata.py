@@ -1,8 +1,9 @@
 """Where the article is wrong (docs/errata.md): each test runs the article's pattern, shows it
 failing the way the erratum says, and shows our chapter's way working.
 
-Errata 1, 3, 4, 6, 7 and 8 come first; then the containers (2, 10), shutdown and startup (5, 9, 11), logs (13).
-Erratum 11 is also covered where each chapter boots: tests/test_02_database_pool.py and test_06_health_checks.py.
+Errata 1, 3, 4, 6, 7 and 8 come first; then the containers (2, 10), shutdown and startup (5, 9, 11),
+logs (13). Erratum 11 is also covered where each chapter boots: tests/test_02_database_pool.py and
+test_06_health_checks.py.
 """
 
 import ast
@@ -47,7 +48,7 @@ CH02 = chapters.get("02")
 CH03 = chapters.get("03")
 
 
-# -- Erratum 1: `gunicorn app:create_app` with a plain def never serves ---------------------------------------
+# -- Erratum 1: `gunicorn app:create_app` with a plain def never serves ----------------------------
 def gunicorn(target: str, port: int) -> list[str]:
     return [
         sys.executable,
@@ -64,7 +65,8 @@ def gunicorn(target: str, port: int) -> list[str]:
 
 
 def test_erratum_01_factory_without_call_never_serves():
-    """The article's command hands Gunicorn the function itself: every worker refuses it and the master exits."""
+    """The article's command hands Gunicorn the function itself: every worker refuses it and the
+    master exits."""
     port = free_port()
     with Running(gunicorn("app:create_app", port), CH01.folder, chapter_env(port), port) as running:
         code = running.proc.wait(timeout=30)
@@ -84,14 +86,15 @@ def test_erratum_01_calling_the_factory_serves():
 
 
 def test_erratum_01_our_config_calls_the_factory():
-    """Chapter 03 on names the call in gunicorn.conf.py, so the documented command cannot hit erratum 1."""
+    """Chapter 03 on names the call in gunicorn.conf.py, so the documented command cannot hit
+    erratum 1."""
     for chapter in chapters.load():
         conf = chapter.folder / "gunicorn.conf.py"
         if chapter.index >= 3:
             assert 'wsgi_app = "app:create_app()"' in conf.read_text(), chapter.name
 
 
-# -- Erratum 3: int(match_info["id"]) turns bad input into 500s ---------------------------------------------
+# -- Erratum 3: int(match_info["id"]) turns bad input into 500s ------------------------------------
 pool_key = web.AppKey("pool", asyncpg.Pool)
 
 
@@ -143,7 +146,7 @@ async def test_erratum_03_our_route_answers_404(aiohttp_client, users_db, user_i
     assert (await response.json())["status"] == 404
 
 
-# -- Erratum 4: dict(row) is not JSON, and SELECT * shows every column ---------------------------------------
+# -- Erratum 4: dict(row) is not JSON, and SELECT * shows every column -----------------------------
 async def test_erratum_04_json_response_of_a_row_fails(users_db):
     """timestamptz, numeric and uuid values make json.dumps (and so web.json_response) raise."""
     conn = await asyncpg.connect(users_db)
@@ -175,9 +178,10 @@ async def test_erratum_04_our_encoder_and_column_list(aiohttp_client, users_db, 
     assert json.loads(module.dumps({"d": datetime.date(2026, 1, 2)})) == {"d": "2026-01-02"}
 
 
-# -- Erratum 6: workers x min_size at boot, up to workers x max_size, more during a reload --------------------
+# -- Erratum 6: workers x min_size at boot, up to workers x max_size, more during a reload ---------
 def highest(sample, seconds: float, every: float) -> int:
-    """The highest value sample() gives over `seconds`: a peak, not a wait (it runs the whole time)."""
+    """The highest value sample() gives over `seconds`: a peak, not a wait (it runs the whole
+    time)."""
     peak, end = 0, time.monotonic() + seconds
     while time.monotonic() < end:
         peak = max(peak, sample())
@@ -242,7 +246,7 @@ def test_erratum_06_connections_grow_under_load_and_during_reload(pg):
         assert running.terminate() == 0
 
 
-# -- Erratum 7: a module-scope ClientSession is a hard error --------------------------------------------------
+# -- Erratum 7: a module-scope ClientSession is a hard error ---------------------------------------
 def test_erratum_07_module_scope_client_session_raises():
     """Creating a ClientSession with no running event loop fails at import time."""
     result = subprocess.run(
@@ -273,7 +277,7 @@ async def test_erratum_07_session_in_a_cleanup_context_works(aiohttp_client):
     assert session.closed
 
 
-# -- Erratum 8: string app keys warn, silently by default -----------------------------------------------------
+# -- Erratum 8: string app keys warn, silently by default ------------------------------------------
 def test_erratum_08_string_keys_warn_but_the_warning_is_hidden_by_default():
     """app["pool"] raises NotAppKeyWarning; with default warning filters nothing is printed."""
     with pytest.warns(web.NotAppKeyWarning):
@@ -303,19 +307,20 @@ def test_erratum_08_chapters_use_typed_keys():
                 )
 
 
-# -- erratum 2 and 10: containers -------------------------------------------------------------------------
-# Erratum 2: a shell-form CMD leaves /bin/sh as PID 1. The kernel delivers a signal to a PID namespace's
-# init only if it has a handler for it, and dash sets none for SIGTERM: the signal is dropped, Gunicorn
-# never hears it, and the platform's SIGKILL ends everything with no drain and no cleanup. Shown first
-# without Docker (a PID namespace of our own, so a learner with no engine sees it), then in a container.
-# Erratum 10: Gunicorn 25+ starts a control socket under $HOME unless told not to; a container user with
-# no writable home logs an ERROR for it at every boot.
+# -- erratum 2 and 10: containers ------------------------------------------------------------------
+# Erratum 2: a shell-form CMD leaves /bin/sh as PID 1. The kernel delivers a signal to a PID
+# namespace's init only if it has a handler for it, and dash sets none for SIGTERM: the signal is
+# dropped, Gunicorn never hears it, and the platform's SIGKILL ends everything with no drain and no
+# cleanup. Shown first without Docker (a PID namespace of our own, so a learner with no engine sees
+# it), then in a container. Erratum 10: Gunicorn 25+ starts a control socket under $HOME unless told
+# not to; a container user with no writable home logs an ERROR for it at every boot.
 LAST = chapters.latest()
 SHELL_FORM = "gunicorn -c gunicorn.conf.py"  # the article's `CMD gunicorn ...`, run by /bin/sh -c
 
 
 def pid_namespace_argv() -> list[str]:
-    """unshare's argv for a new PID namespace with its own /proc; unprivileged, a user namespace too."""
+    """unshare's argv for a new PID namespace with its own /proc; unprivileged, a user namespace
+    too."""
     if not shutil.which("unshare"):
         missing("unshare", "apt-get install util-linux")
     argv = ["unshare", "--pid", "--fork", "--mount-proc"]
@@ -328,8 +333,8 @@ def pid_namespace_argv() -> list[str]:
 
 
 def dash() -> str:
-    """Debian's /bin/sh, the shell a python:*-slim image runs a shell-form CMD with. (bash would exec a
-    lone command itself and hide the bug.)"""
+    """Debian's /bin/sh, the shell a python:*-slim image runs a shell-form CMD with. (bash would
+    exec a lone command itself and hide the bug.)"""
     found = shutil.which("dash")
     if not found:
         missing("dash", "apt-get install dash (the /bin/sh of Debian-based images)")
@@ -376,7 +381,8 @@ def test_erratum_02_exec_form_pid1_drains_and_exits_on_sigterm(argv, pg):
         seconds = time.monotonic() - began
         output = running.output()
         print(
-            f"\nerratum 2, no Docker, {' '.join(argv)} as PID 1: exit {code} {seconds:.2f}s after SIGTERM"
+            f"\nerratum 2, no Docker, {' '.join(argv)} as PID 1: exit {code} {seconds:.2f}s "
+            "after SIGTERM"
         )
         assert code == 0 and seconds < 5, f"exit {code} after {seconds:.1f}s\n{output}"
         assert output.count("pool closed") == 2 and "Shutting down: Master" in output, output
@@ -417,7 +423,8 @@ def test_erratum_02_shell_form_cmd_waits_out_docker_stop_and_is_killed(
 ):
     """The last chapter's image as built (exec-form CMD) and with the article's shell-form CMD, run
     side by side: `docker stop` ends ours with exit 0 in under 5 s after every pool is closed; the
-    shell form has /bin/sh as PID 1, waits out the full 10 s timeout, exits 137 and closes nothing."""
+    shell form has /bin/sh as PID 1, waits out the full 10 s timeout, exits 137 and closes
+    nothing."""
     ours = images[LAST.number]
     article = with_shell_form_cmd(docker, ours, tmp_path)
     url = pg.socket_dsn(fresh_database(pg, LAST.schema), socket_dir="/pgsock")
@@ -464,9 +471,9 @@ def error_lines(output: str) -> list[str]:
 
 
 def test_erratum_10_control_socket_logs_an_error_in_a_read_only_home_less_container(images, docker):
-    """The last chapter's image on a read-only root, its user's home /nonexistent: Gunicorn started the
-    article's way (no config, so the control socket is on) logs an ERROR at boot; our CMD, whose config
-    sets control_socket_disable = True, logs none."""
+    """The last chapter's image on a read-only root, its user's home /nonexistent: Gunicorn started
+    the article's way (no config, so the control socket is on) logs an ERROR at boot; our CMD, whose
+    config sets control_socket_disable = True, logs none."""
     image = images[LAST.number]
     # `-c /dev/null`: Gunicorn would otherwise load our gunicorn.conf.py from the working folder.
     article = [
@@ -504,8 +511,9 @@ def test_erratum_10_control_socket_logs_an_error_in_a_read_only_home_less_contai
     "disabled", [False, True], ids=["control-socket-on", "control_socket_disable"]
 )
 def test_erratum_10_control_socket_without_a_usable_home(disabled, tmp_path):
-    """Without Docker: Gunicorn with a HOME where no folder can be made (as on a read-only root) logs an
-    ERROR for its control socket at boot; with --no-control-socket (control_socket_disable) it does not."""
+    """Without Docker: Gunicorn with a HOME where no folder can be made (as on a read-only root)
+    logs an ERROR for its control socket at boot; with --no-control-socket (control_socket_disable)
+    it does not."""
     port = free_port()
     (tmp_path / "file").write_text("")
     env = chapter_env(port, HOME=str(tmp_path / "file" / "home"))
@@ -535,13 +543,13 @@ def test_erratum_10_control_socket_without_a_usable_home(disabled, tmp_path):
         assert errors and "Control server error" in errors[0], errors
 
 
-# -- errata 5, 9 and 11 -------------------------------------------------------------------------------------
+# -- errata 5, 9 and 11 ----------------------------------------------------------------------------
 # Erratum 11 is also covered per chapter: test_02_database_pool.py's
 # test_unreachable_database_at_boot_exits_nonzero_with_one_clear_line and
-# test_database_that_never_answers_does_not_stall_boot (chapters 02-05), and test_06_health_checks.py's
-# test_no_database_at_boot_stays_live_and_turns_ready_by_itself and
-# test_database_that_never_answers_at_boot_does_not_stall_ready (chapter 06 on). The tests below show the
-# article's side of it.
+# test_database_that_never_answers_does_not_stall_boot (chapters 02-05), and
+# test_06_health_checks.py's test_no_database_at_boot_stays_live_and_turns_ready_by_itself and
+# test_database_that_never_answers_at_boot_does_not_stall_ready (chapter 06 on). The tests below
+# show the article's side of it.
 CH05 = chapters.get("05")
 
 
@@ -574,11 +582,11 @@ def sigterm_right_after_a_heartbeat(running: Running) -> None:
 
 @pytest.mark.parametrize("chapter_number, teardown", [("04", False), ("05", True)])
 async def test_erratum_05_a_request_outlasting_the_drain(pg, chapter_number, teardown):
-    """graceful_timeout=3 and a request that never ends. The worker notices SIGTERM up to 1 s late and
-    aiohttp then drains for 95% of 3 s, so with Gunicorn and aiohttp as they are (chapter 04) the master's
-    SIGKILL at 3 s lands mid-drain: no teardown runs. Chapter 05 ends the worker's drain 2 s early: the
-    request is cut and every teardown runs. Either way the client's connection closes with no byte and
-    the master exits within graceful_timeout plus a margin."""
+    """graceful_timeout=3 and a request that never ends. The worker notices SIGTERM up to 1 s late
+    and aiohttp then drains for 95% of 3 s, so with Gunicorn and aiohttp as they are (chapter 04)
+    the master's SIGKILL at 3 s lands mid-drain: no teardown runs. Chapter 05 ends the worker's
+    drain 2 s early: the request is cut and every teardown runs. Either way the client's connection
+    closes with no byte and the master exits within graceful_timeout plus a margin."""
     chapter = chapters.get(chapter_number)
     database = fresh_database(pg, chapter.schema)
     graceful = 3
@@ -632,13 +640,13 @@ def create_app():
     app.cleanup_ctx.append(pg_pool)
     app.cleanup_ctx.append(cache)
     return app
-"""
+"""  # noqa: E501 (the article's code, verbatim)
 
 
 def test_erratum_09_a_later_context_failing_leaves_the_pool_without_teardown(pg, tmp_path):
-    """Under Gunicorn's aiohttp worker the article's pool opens, a later cleanup context fails, the worker
-    gives up: the pool's teardown never runs ("pool closed" is never logged), despite the article's
-    "this guarantees the pool closes cleanly even on errors"."""
+    """Under Gunicorn's aiohttp worker the article's pool opens, a later cleanup context fails, the
+    worker gives up: the pool's teardown never runs ("pool closed" is never logged), despite the
+    article's "this guarantees the pool closes cleanly even on errors"."""
     (tmp_path / "app.py").write_text(ARTICLE_ORDER_APP)
     port = free_port()
     argv = [
@@ -663,9 +671,10 @@ def test_erratum_09_a_later_context_failing_leaves_the_pool_without_teardown(pg,
 
 
 async def test_erratum_09_aiohttp_runner_tears_down_only_if_cleanup_is_called(pg):
-    """What aiohttp 3.14 really does: AppRunner.setup() leaves the earlier context open (its connections
-    stay in pg_stat_activity); it is torn down only if the caller then calls runner.cleanup(), which
-    neither web.run_app nor Gunicorn's aiohttp worker does after a failed startup."""
+    """What aiohttp 3.14 really does: AppRunner.setup() leaves the earlier context open (its
+    connections stay in pg_stat_activity); it is torn down only if the caller then calls
+    runner.cleanup(), which neither web.run_app nor Gunicorn's aiohttp worker does after a failed
+    startup."""
     database = fresh_database(pg, CH02.schema)
     closed = []
 
@@ -691,8 +700,8 @@ async def test_erratum_09_aiohttp_runner_tears_down_only_if_cleanup_is_called(pg
 
 
 async def test_erratum_09_our_pool_comes_first_so_nothing_is_left_open(app_module_05, monkeypatch):
-    """The chapter's order: the pool, which can fail, first; the session, which cannot, after. With the
-    database away at startup the pool stops the worker before any session exists."""
+    """The chapter's order: the pool, which can fail, first; the session, which cannot, after. With
+    the database away at startup the pool stops the worker before any session exists."""
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
     app = app_module_05.create_app()
     runner = web.AppRunner(app)
@@ -708,9 +717,9 @@ def app_module_05():
 
 
 def test_erratum_11_article_app_with_the_database_refusing_exits_nonzero_with_a_traceback(tmp_path):
-    """The article's pool and a database refusing connections: aiohttp >= 3.14.2's worker reports a boot
-    failure and Gunicorn exits non-zero, but with a traceback per worker, where our chapters (02-05) print
-    one clear line (test_02_database_pool.py)."""
+    """The article's pool and a database refusing connections: aiohttp >= 3.14.2's worker reports a
+    boot failure and Gunicorn exits non-zero, but with a traceback per worker, where our chapters
+    (02-05) print one clear line (test_02_database_pool.py)."""
     (tmp_path / "app.py").write_text(ARTICLE_ORDER_APP)
     port = free_port()
     argv = [
@@ -734,8 +743,8 @@ def test_erratum_11_article_app_with_the_database_refusing_exits_nonzero_with_a_
 
 
 async def test_erratum_11_asyncpg_waits_60_s_for_a_silent_database_unless_told(app_module_05):
-    """asyncpg's connect timeout defaults to 60 s: against a server that accepts and never answers, a
-    connect without timeout= is still waiting after our CONNECT_TIMEOUT; with it, it gives up."""
+    """asyncpg's connect timeout defaults to 60 s: against a server that accepts and never answers,
+    a connect without timeout= is still waiting after our CONNECT_TIMEOUT; with it, it gives up."""
     assert inspect.signature(asyncpg.connect).parameters["timeout"].default == 60
     limit = app_module_05.CONNECT_TIMEOUT
     with silent_server() as port:
@@ -750,7 +759,7 @@ async def test_erratum_11_asyncpg_waits_60_s_for_a_silent_database_unless_told(a
             await asyncpg.connect(dsn, timeout=0.5)
 
 
-# -- Erratum 13: "confirm each worker created its pool" from logs that never mention a pool -------------------
+# -- Erratum 13: "confirm each worker created its pool" from logs that never mention a pool --------
 ARTICLE_APP = """
 import os
 import asyncpg
@@ -773,7 +782,7 @@ def create_app():
     app.cleanup_ctx.append(pg_pool)
     app.add_routes([web.get("/users/{id}", get_user)])
     return app
-"""
+"""  # noqa: E501 (the article's code, verbatim)
 
 
 def pool_lines(output: str) -> list[str]:
@@ -781,8 +790,9 @@ def pool_lines(output: str) -> list[str]:
 
 
 def test_erratum_13_the_articles_app_logs_no_pool_at_all(pg, tmp_path):
-    """The article's app under its Gunicorn command: both workers serve from their pools, and from boot
-    to exit not one log line mentions a pool, so the platform's live logs cannot confirm one."""
+    """The article's app under its Gunicorn command: both workers serve from their pools, and from
+    boot to exit not one log line mentions a pool, so the platform's live logs cannot confirm
+    one."""
     (tmp_path / "app.py").write_text(ARTICLE_APP)
     port = free_port()
     argv = [
@@ -807,8 +817,8 @@ def test_erratum_13_the_articles_app_logs_no_pool_at_all(pg, tmp_path):
 
 
 def test_erratum_13_our_chapters_log_each_workers_pool_with_its_sizes(pg):
-    """Chapter 03 on (here 03 and the last): one "pool ready" line per worker, naming the worker's pid
-    and the pool's min_size and max_size."""
+    """Chapter 03 on (here 03 and the last): one "pool ready" line per worker, naming the worker's
+    pid and the pool's min_size and max_size."""
     for chapter in {CH03.number: CH03, LAST.number: LAST}.values():
         with start(
             chapter, database_url=pg.dsn(fresh_database(pg, chapter.schema)), WEB_CONCURRENCY="2"

@@ -1,8 +1,8 @@
 """The built site in a real browser: Debian's Chromium, headless, driven by Playwright, offline.
 
-The site from the `built_site` fixture is served by a local HTTP server on a free port. Every request
-the browser makes is recorded; any that leaves localhost fails the test (and is refused, as is any
-host name lookup). Console errors and uncaught page errors fail the test too.
+The site from the `built_site` fixture is served by a local HTTP server on a free port. Every
+request the browser makes is recorded; any that leaves localhost fails the test (and is refused, as
+is any host name lookup). Console errors and uncaught page errors fail the test too.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ class Recorder:
 
 @pytest.fixture
 def browser(browser_context):
-    """A fresh page, with every request (the page's and its web workers') and every error recorded."""
+    """A fresh page, with every request (the page's and its web workers') and every error
+    recorded."""
     recorder = Recorder()
 
     def on_request(request):
@@ -137,7 +138,7 @@ def browser(browser_context):
         browser_context.unroute_all(behavior="ignoreErrors")
 
 
-# -- every chapter page renders its code and its diff ---------------------------------------------------
+# -- every chapter page renders its code and its diff ----------------------------------------------
 def test_every_chapter_page_renders_its_code_its_diff_and_the_navigation(browser, site_url):
     """Each chapter page shows its included code blocks (with titles) and, after the first chapter,
     a diff with added and removed lines; the navigation lists every chapter; pictures load."""
@@ -177,10 +178,10 @@ def test_every_chapter_page_renders_its_code_its_diff_and_the_navigation(browser
     recorder.assert_clean()
 
 
-# -- search works offline ---------------------------------------------------------------------------------
+# -- search works offline --------------------------------------------------------------------------
 def unique_word(built_site) -> tuple[str, str]:
-    """A word found on exactly one page of the whole site, and that page a chapter page. Unique by its
-    first six letters, so no stemmed form of it can match anywhere else."""
+    """A word found on exactly one page of the whole site, and that page a chapter page. Unique by
+    its first six letters, so no stemmed form of it can match anywhere else."""
     index = json.loads((built_site.path / "search" / "search_index.json").read_text())
     pages: dict[str, str] = {}
     for doc in index["docs"]:
@@ -224,10 +225,10 @@ def test_search_finds_a_word_that_only_one_chapter_page_has(browser, site_url, b
     recorder.assert_clean()
 
 
-# -- the look of a page ------------------------------------------------------------------------------------
+# -- the look of a page ----------------------------------------------------------------------------
 def test_screenshot_of_a_chapter_page(browser, site_url):
-    """A full-page screenshot of chapter 05 in test-output/, for a human to look at; the page must use
-    the bundled stylesheet (no default serif font) and show the shutdown timeline."""
+    """A full-page screenshot of chapter 05 in test-output/, for a human to look at; the page must
+    use the bundled stylesheet (no default serif font) and show the shutdown timeline."""
     page, recorder = browser
     page.goto(f"{site_url}chapters/05-graceful-shutdown/")
     page.wait_for_load_state("load")
@@ -247,28 +248,32 @@ def test_screenshot_of_a_chapter_page(browser, site_url):
     recorder.assert_clean()
 
 
-# -- code fits the page --------------------------------------------------------------------------------------
+# -- code fits the page ----------------------------------------------------------------------------
 WIDE_SCREENSHOT = manifest.ROOT / "test-output" / "chapter-06-health-checks.png"
 
 
 def test_no_code_block_on_a_chapter_page_scrolls_sideways(browser, site_url):
     """At 1280 x 900, no code block of any chapter page, diffs included, is wider than its box
-    (scrollWidth > clientWidth): chapter code keeps to 79 columns, and so do the console sessions."""
+    (scrollWidth > clientWidth): chapter code keeps to 79 columns, and so do the console
+    sessions."""
     page, recorder = browser
     assert page.viewport_size == {"width": 1280, "height": 900}
     wide = []
     for chapter in CHAPTERS:
         page.goto(f"{site_url}chapters/{chapter.name}/")
         page.wait_for_load_state("load")
-        blocks = page.evaluate("""() => [...document.querySelectorAll("article pre > code")].map(code => ({
+        blocks = page.evaluate(
+            """() => [...document.querySelectorAll("article pre > code")].map(code => ({
             lang: code.closest(".highlight") ? code.closest(".highlight").className : "",
             over: code.scrollWidth - code.clientWidth,
             longest: Math.max(...code.innerText.split("\\n").map(line => line.length)),
             line: code.innerText.split("\\n").reduce((a, b) => b.length > a.length ? b : a, ""),
-        }))""")
+        }))"""
+        )
         assert blocks, chapter.name
         wide += [
-            f"{chapter.name} [{b['lang']}] {b['over']}px too wide, {b['longest']} columns: {b['line']}"
+            f"{chapter.name} [{b['lang']}] {b['over']}px too wide, {b['longest']} columns: "
+            f"{b['line']}"
             for b in blocks
             if b["over"] > 0
         ]

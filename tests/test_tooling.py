@@ -1,4 +1,5 @@
-"""The learner's commands themselves: `make run` leaves nothing behind, `make check` names what fails."""
+"""The learner's commands themselves: `make run` leaves nothing behind, `make check` names what
+fails."""
 
 import os
 import shutil
@@ -28,7 +29,8 @@ def descendants_and_postgres(marker: str) -> list[psutil.Process]:
 
 
 def test_make_run_serves_and_leaves_no_process_behind(tmp_path):
-    """`make run CHAPTER=02` starts PostgreSQL and the chapter; Ctrl-C stops both, exit 0, nothing left."""
+    """`make run CHAPTER=02` starts PostgreSQL and the chapter; Ctrl-C stops both, exit 0, nothing
+    left."""
     port = free_port()
     env = dict(os.environ, PORT=str(port), TUTORIAL_DATA_DIR=str(tmp_path / "data"))
     env.pop("DATABASE_URL", None)
@@ -90,7 +92,8 @@ def test_make_run_refuses_a_busy_port(tmp_path):
 
 
 def test_make_check_names_the_failing_behaviour(tmp_path):
-    """A learner's chapter 01 with one bug: every other behaviour passes, the broken one is named."""
+    """A learner's chapter 01 with one bug: every other behaviour passes, the broken one is
+    named."""
     mine = tmp_path / "mine"
     shutil.copytree(ROOT / "chapters" / "01-minimal-app", mine)
     app = mine / "app.py"
@@ -122,7 +125,8 @@ def test_make_check_passes_on_the_reference_chapter():
 
 
 def test_make_run_explains_a_database_that_cannot_start(tmp_path):
-    """A damaged data folder: one line with PostgreSQL's own reason and what to do, exit 1, nothing left."""
+    """A damaged data folder: one line with PostgreSQL's own reason and what to do, exit 1, nothing
+    left."""
     data = tmp_path / "data" / "postgres"
     data.mkdir(parents=True)
     (data / "PG_VERSION").write_text("9\n")  # a data folder from a PostgreSQL we do not have
@@ -160,8 +164,8 @@ def run_without_database(chapter: str, port: int) -> subprocess.Popen:
 
 
 def test_make_run_starts_a_chapter_that_lives_without_its_database():
-    """From chapter 06 on, a schema that cannot be loaded is one line, and the chapter starts anyway:
-    /health 200, /ready 503; Ctrl-C still stops it with exit 0."""
+    """From chapter 06 on, a schema that cannot be loaded is one line, and the chapter starts
+    anyway: /health 200, /ready 503; Ctrl-C still stops it with exit 0."""
     for chapter in [c for c in chapters.load() if c.index >= 6]:
         port = free_port()
         run = run_without_database(chapter.number, port)
@@ -185,7 +189,8 @@ def test_make_run_starts_a_chapter_that_lives_without_its_database():
 
 
 def test_make_run_refuses_an_earlier_chapter_without_its_database():
-    """Chapters 02 to 05 stop at boot without their database, so `make run` says so in one line, exit 1."""
+    """Chapters 02 to 05 stop at boot without their database, so `make run` says so in one line,
+    exit 1."""
     for chapter in [c for c in chapters.load() if c.schema and c.index < 6]:
         run = run_without_database(chapter.number, free_port())
         output, _ = run.communicate(timeout=60)

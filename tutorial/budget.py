@@ -65,7 +65,8 @@ class Fleet:
 
     @property
     def client_connections(self) -> int:
-        """What every replica's pools may open during a rollout: (replicas + surge) x W x max_size."""
+        """What every replica's pools may open during a rollout: (replicas + surge) x W x
+        max_size."""
         return (self.replicas + self.max_surge) * self.workers * self.pool_max
 
     @property
@@ -175,13 +176,14 @@ def load(folder: Path = FOLDER) -> Fleet:
     )
 
 
-# -- the invariants, each a message naming its numbers, or None -------------------------------------------
+# -- the invariants, each a message naming its numbers, or None ------------------------------------
 def grace_problem(f: Fleet) -> str | None:
     need = f.prestop + f.graceful_timeout + GRACE_MARGIN
     if f.grace < need:
         return (
-            f"terminationGracePeriodSeconds {f.grace} < preStop sleep {f.prestop} + graceful_timeout "
-            f"{f.graceful_timeout} + margin {GRACE_MARGIN} = {need}: the kubelet's SIGKILL lands mid-drain"
+            f"terminationGracePeriodSeconds {f.grace} < preStop sleep {f.prestop} "
+            f"+ graceful_timeout {f.graceful_timeout} + margin {GRACE_MARGIN} = {need}: "
+            "the kubelet's SIGKILL lands mid-drain"
         )
     return None
 
@@ -199,7 +201,8 @@ def probe_problems(f: Fleet) -> list[str]:
             found.append(f"{name} asks {probe.path}, the service answers it on {path}")
         if port != f.container_port:
             found.append(
-                f"{name} probes port {probe.port} ({port}), the container listens on {f.container_port}"
+                f"{name} probes port {probe.port} ({port}), "
+                f"the container listens on {f.container_port}"
             )
     return found
 
@@ -207,7 +210,8 @@ def probe_problems(f: Fleet) -> list[str]:
 def rollout_problem(f: Fleet) -> str | None:
     if f.max_unavailable != 0 or f.max_surge < 1:
         return (
-            f"maxUnavailable {f.max_unavailable} and maxSurge {f.max_surge}: a rollout must add a ready "
+            f"maxUnavailable {f.max_unavailable} and maxSurge {f.max_surge}: "
+            "a rollout must add a ready "
             "replica before it removes one (maxUnavailable 0, maxSurge at least 1)"
         )
     return None
@@ -216,7 +220,8 @@ def rollout_problem(f: Fleet) -> str | None:
 def pdb_problem(f: Fleet) -> str | None:
     if f.disruptions_allowed < 1:
         return (
-            f"the PodDisruptionBudget allows {f.disruptions_allowed} disruptions of {f.replicas} replicas: "
+            f"the PodDisruptionBudget allows {f.disruptions_allowed} disruptions "
+            f"of {f.replicas} replicas: "
             "a node drain could never evict one"
         )
     if f.replicas - f.disruptions_allowed < 1:
@@ -227,7 +232,8 @@ def pdb_problem(f: Fleet) -> str | None:
 def client_budget_problem(f: Fleet) -> str | None:
     if f.client_connections > f.max_client_conn:
         return (
-            f"(replicas {f.replicas} + maxSurge {f.max_surge}) x workers {f.workers} x max_size {f.pool_max} "
+            f"(replicas {f.replicas} + maxSurge {f.max_surge}) x workers {f.workers} "
+            f"x max_size {f.pool_max} "
             f"= {f.client_connections} > PgBouncer's max_client_conn {f.max_client_conn}"
         )
     return None
@@ -239,7 +245,8 @@ def server_budget_problem(f: Fleet) -> str | None:
     if f.server_pool > f.postgres_available:
         return (
             f"PgBouncer's server pool {f.server_pool} > PostgreSQL's max_connections "
-            f"{f.postgres_max_connections} - reserved {f.postgres_reserved} = {f.postgres_available}"
+            f"{f.postgres_max_connections} - reserved {f.postgres_reserved} "
+            f"= {f.postgres_available}"
         )
     return None
 
@@ -255,7 +262,7 @@ def problems(f: Fleet) -> list[str]:
     return [p for p in single if p] + probe_problems(f)
 
 
-# -- the page's table ---------------------------------------------------------------------------------------
+# -- the page's table ------------------------------------------------------------------------------
 def table(f: Fleet | None = None) -> str:
     f = f or load()
     rows = [
@@ -275,7 +282,8 @@ def table(f: Fleet | None = None) -> str:
         (
             "Clients of PgBouncer, during a rollout",
             (
-                f"(replicas {f.replicas} + maxSurge {f.max_surge}) × workers {f.workers} × max_size {f.pool_max} "
+                f"(replicas {f.replicas} + maxSurge {f.max_surge}) × workers {f.workers} "
+                f"× max_size {f.pool_max} "
                 f"= {f.client_connections}"
             ),
             f"max_client_conn {f.max_client_conn}",
@@ -283,7 +291,10 @@ def table(f: Fleet | None = None) -> str:
         (
             "Connections PostgreSQL sees",
             f"PgBouncer's server pool {f.server_pool}",
-            f"max_connections {f.postgres_max_connections} − reserved {f.postgres_reserved} = {f.postgres_available}",
+            (
+                f"max_connections {f.postgres_max_connections} − reserved {f.postgres_reserved} "
+                f"= {f.postgres_available}"
+            ),
         ),
         (
             "Replicas a node drain may take",

@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "chapters.toml"
@@ -42,7 +38,8 @@ class Chapter:
 
     @property
     def schema(self) -> Path | None:
-        """The chapter's schema.sql; a learner's folder without one borrows the reference chapter's."""
+        """The chapter's schema.sql; a learner's folder without one borrows the reference
+        chapter's."""
         for folder in (self.folder, ROOT / "chapters" / self.name):
             if (folder / "schema.sql").exists():
                 return folder / "schema.sql"

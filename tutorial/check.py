@@ -28,7 +28,9 @@ TESTS = chapters.ROOT / "tests"
 
 # Warnings that one behaviour judges by itself, and that behaviour (its test function's node id).
 JUDGED_APART = {
-    "aiohttp.web_exceptions.NotAppKeyWarning": "tests/test_02_database_pool.py::test_the_pool_sits_behind_a_typed_app_key",
+    "aiohttp.web_exceptions.NotAppKeyWarning": (
+        "tests/test_02_database_pool.py::test_the_pool_sits_behind_a_typed_app_key"
+    ),
 }
 LEAK_BEHAVIOUR = (
     "Nothing the app opens is left open once it stops: no connection, session or socket."
@@ -49,7 +51,7 @@ class BehaviourReport:
         self.previous_hook = None
         self.leak_failed = False
 
-    # -- what each test judges ----------------------------------------------------------------------
+    # -- what each test judges ---------------------------------------------------------------------
     def pytest_collection_modifyitems(self, items):
         self.docs = {
             key(item.nodeid): _first_paragraph(item.function.__doc__) or item.name for item in items
@@ -59,7 +61,7 @@ class BehaviourReport:
                 if key(item.nodeid) != judge:
                     item.add_marker(pytest.mark.filterwarnings(f"ignore::{warning}"))
 
-    # -- leaks: an unraisable ResourceWarning, found by a garbage collection after each test ---------
+    # -- leaks: an unraisable ResourceWarning, found by a garbage collection after each test -------
     def pytest_configure(self, config):
         self.previous_hook = sys.unraisablehook
         sys.unraisablehook = self._unraisable
@@ -86,7 +88,7 @@ class BehaviourReport:
                 gc.collect()
             self.current = None
 
-    # -- outcomes -------------------------------------------------------------------------------------
+    # -- outcomes ----------------------------------------------------------------------------------
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or report.outcome != "passed":
             entry = self.results.setdefault(
@@ -134,7 +136,8 @@ class BehaviourReport:
         return "ok"
 
     def _print_leaks(self) -> str:
-        # A test that failed explains itself; what it left open is most likely a result of that failure.
+        # A test that failed explains itself; what it left open is most likely a result of that
+        # failure.
         failed = {name for name, entry in self.results.items() if entry["failed"]}
         found = {name: what for name, what in self.leaked.items() if name not in failed}
         if not found:
@@ -146,7 +149,8 @@ class BehaviourReport:
         self.leak_failed = True
         print(f"  FAIL  {LEAK_BEHAVIOUR}")
         print(
-            f"          expected nothing left open, got {_listed(counts)} left for the garbage collector, "
+            f"          expected nothing left open, got {_listed(counts)} "
+            "left for the garbage collector, "
             f'after "{where[0]}"{more}'
         )
         return "FAIL"
@@ -155,7 +159,10 @@ class BehaviourReport:
         number = self.chapter.number
         again = f"make check CHAPTER={number} DIR={self.folder}"
         if skipped and not failed:
-            return f"Next: install what each SKIP names, then run {again} again to check those behaviours too."
+            return (
+                f"Next: install what each SKIP names, then run {again} again "
+                "to check those behaviours too."
+            )
         if not failed:
             later = [c for c in chapters.load() if c.index > self.chapter.index]
             if later:
@@ -213,7 +220,10 @@ def _reason(report) -> str:
             return (
                 f"expected no warning, got {kind.rpartition('.')[2]}: {text.splitlines()[0][:200]}"
             )
-        return f"the app raised {kind.rpartition('.')[2]}: {text.splitlines()[0][:200] if text else '(no message)'}"
+        return (
+            f"the app raised {kind.rpartition('.')[2]}: "
+            f"{text.splitlines()[0][:200] if text else '(no message)'}"
+        )
     if isinstance(report.longrepr, tuple):  # a skip: (file, line, reason)
         return str(report.longrepr[2]).removeprefix("Skipped: ")
     return str(report.longrepr).strip().splitlines()[-1][:300]
@@ -227,7 +237,8 @@ def main(argv: list[str]) -> int:
     folder = Path(argv[1]).expanduser().resolve()
     if not (folder / "app.py").is_file():
         print(
-            f"{folder} has no app.py: point DIR at the folder that holds your chapter {chapter.number} app.py"
+            f"{folder} has no app.py: "
+            f"point DIR at the folder that holds your chapter {chapter.number} app.py"
         )
         return 2
     modules = [
@@ -237,7 +248,8 @@ def main(argv: list[str]) -> int:
     ]
     print(f"Checking {folder} as chapter {chapter.number} ({chapter.title}),")
     print(
-        f"with the tests of chapters 01 to {chapter.number}: `{chapter.run}` is the command they run.\n"
+        f"with the tests of chapters 01 to {chapter.number}: "
+        f"`{chapter.run}` is the command they run.\n"
     )
     env = dict(os.environ, TUTORIAL_CHECK_CHAPTER=chapter.number, TUTORIAL_CHECK_DIR=str(folder))
     result = subprocess.run(
@@ -249,7 +261,8 @@ def main(argv: list[str]) -> int:
             "addopts=--strict-markers",
             "-p",
             "tutorial.check",
-            # The report itself says everything: no pytest summary, and leaks are one behaviour (above).
+            # The report itself says everything: no pytest summary, and leaks are one behaviour
+            # (above).
             "-p",
             "no:terminal",
             "-p",

