@@ -49,7 +49,8 @@ CH03 = chapters.get("03")
 
 
 # -- Erratum 1: `gunicorn app:create_app` with a plain def never serves ----------------------------
-def gunicorn(target: str, port: int) -> list[str]:
+def gunicorn(target: str, port: int, workers: int = 2) -> list[str]:
+    """The article's Gunicorn command line: its worker class, and the app as `target`."""
     return [
         sys.executable,
         "-m",
@@ -60,7 +61,7 @@ def gunicorn(target: str, port: int) -> list[str]:
         "--worker-class",
         "aiohttp.GunicornWebWorker",
         "--workers",
-        "2",
+        str(workers),
     ]
 
 
@@ -649,18 +650,7 @@ def test_erratum_09_a_later_context_failing_leaves_the_pool_without_teardown(pg,
     article's "this guarantees the pool closes cleanly even on errors"."""
     (tmp_path / "app.py").write_text(ARTICLE_ORDER_APP)
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "app:create_app()",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--worker-class",
-        "aiohttp.GunicornWebWorker",
-        "--workers",
-        "1",
-    ]
+    argv = gunicorn("app:create_app()", port, workers=1)
     env = chapter_env(port, pg.dsn(fresh_database(pg, CH02.schema)))
     with Running(argv, tmp_path, env, port) as running:
         code = running.proc.wait(timeout=30)
@@ -722,18 +712,7 @@ def test_erratum_11_article_app_with_the_database_refusing_exits_nonzero_with_a_
     (02-05) print one clear line (test_02_database_pool.py)."""
     (tmp_path / "app.py").write_text(ARTICLE_ORDER_APP)
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "app:create_app()",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--worker-class",
-        "aiohttp.GunicornWebWorker",
-        "--workers",
-        "2",
-    ]
+    argv = gunicorn("app:create_app()", port)
     env = chapter_env(port, f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
     with Running(argv, tmp_path, env, port) as running:
         code = running.proc.wait(timeout=30)
@@ -795,18 +774,7 @@ def test_erratum_13_the_articles_app_logs_no_pool_at_all(pg, tmp_path):
     one."""
     (tmp_path / "app.py").write_text(ARTICLE_APP)
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "app:create_app()",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--worker-class",
-        "aiohttp.GunicornWebWorker",
-        "--workers",
-        "2",
-    ]
+    argv = gunicorn("app:create_app()", port)
     env = chapter_env(port, pg.dsn(fresh_database(pg, CH02.schema)), WEB_CONCURRENCY="2")
     with Running(argv, tmp_path, env, port) as running:
         running.wait_until("/users/1")
