@@ -24,8 +24,6 @@ import pytest
 
 from . import chapters
 
-TESTS = chapters.ROOT / "tests"
-
 # Warnings that one behaviour judges by itself, and that behaviour (its test function's node id).
 JUDGED_APART = {
     "aiohttp.web_exceptions.NotAppKeyWarning": (
