@@ -28,26 +28,37 @@ def descendants_and_postgres(marker: str) -> list[psutil.Process]:
     return found
 
 
-def test_make_run_serves_and_leaves_no_process_behind(tmp_path):
-    """`make run CHAPTER=02` starts PostgreSQL and the chapter; Ctrl-C stops both, exit 0, nothing
-    left."""
-    port = free_port()
-    env = dict(os.environ, PORT=str(port), TUTORIAL_DATA_DIR=str(tmp_path / "data"))
-    env.pop("DATABASE_URL", None)
-    run = subprocess.Popen(
-        [sys.executable, "-m", "tutorial.run", "02"],
+def make_run(chapter: str, env: dict[str, str]) -> subprocess.Popen:
+    """`make run CHAPTER=<chapter>` as the Makefile runs it, its output read line by line."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tutorial.run", chapter],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def lines_until_serving(run: subprocess.Popen) -> list[str]:
+    """What `make run` printed up to its "serving on" line (or to its exit)."""
     seen = []
+    for line in run.stdout:
+        seen.append(line)
+        if "serving on" in line:
+            break
+    return seen
+
+
+def test_make_run_serves_and_leaves_no_process_behind(tmp_path):
+    """`make run CHAPTER=02` starts PostgreSQL and the chapter; Ctrl-C stops both, exit 0, nothing
+    left."""
+    port = free_port()
+    env = dict(os.environ, PORT=str(port), TUTORIAL_DATA_DIR=str(tmp_path / "data"))
+    env.pop("DATABASE_URL", None)
+    run = make_run("02", env)
     try:
-        for line in run.stdout:
-            seen.append(line)
-            if "serving on" in line:
-                break
+        seen = lines_until_serving(run)
         assert get(f"http://127.0.0.1:{port}/users/1")[0] == 200, "".join(seen)
         run.send_signal(signal.SIGINT)
         rest = run.stdout.read()
@@ -153,14 +164,7 @@ def run_without_database(chapter: str, port: int) -> subprocess.Popen:
         PORT=str(port),
         DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
     )
-    return subprocess.Popen(
-        [sys.executable, "-m", "tutorial.run", chapter],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return make_run(chapter, env)
 
 
 def test_make_run_starts_a_chapter_that_lives_without_its_database():
@@ -169,12 +173,8 @@ def test_make_run_starts_a_chapter_that_lives_without_its_database():
     for chapter in [c for c in chapters.load() if c.index >= 6]:
         port = free_port()
         run = run_without_database(chapter.number, port)
-        seen = []
         try:
-            for line in run.stdout:
-                seen.append(line)
-                if "serving on" in line:
-                    break
+            seen = lines_until_serving(run)
             said = [line for line in seen if "could not load" in line]
             assert len(said) == 1 and "starting anyway" in said[0], "".join(seen)
             assert get(f"http://127.0.0.1:{port}/health")[0] == 200, "".join(seen)
