@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import psutil
 import pytest
+from aiohttp import web
 from helpers import UsersLock, fresh_database, silent_server, wait_for_lines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -437,19 +438,22 @@ async def raw_exchange(host: str, port: int, raw: bytes) -> tuple[int, dict[str,
     return int(status_line.split()[1]), headers, body
 
 
+REJECTED_ANSWER = {"error": "Bad Request", "status": 400}
+
+
 @pytest.mark.parametrize("raw", REJECTED.values(), ids=REJECTED.keys())
-async def test_a_request_http_rejects_costs_one_short_line_and_a_short_plain_answer(
+async def test_a_request_http_rejects_costs_one_short_line_and_a_json_400_quoting_nothing(
     client, raw, caplog
 ):
-    """aiohttp answers these before any middleware, so they cannot be JSON (the page says so): the
-    answer is a 400, short, text/plain and never HTML; the log gets at most one short line below
-    ERROR, with no traceback."""
+    """aiohttp's parser answers these before any middleware: the chapter makes that answer the same
+    JSON 400 whatever was sent, with no versions in Server; the log gets at most one short line
+    below ERROR, with no traceback."""
     caplog.set_level(logging.DEBUG)
     before = len(caplog.records)
     status, headers, body = await raw_exchange(client.server.host, client.server.port, raw)
-    assert status == 400
-    assert headers["Content-Type"].startswith("text/plain")
-    assert len(body) < 256 and b"<html" not in body.lower()
+    assert (status, headers["Content-Type"]) == (400, "application/json; charset=utf-8")
+    assert json.loads(body) == REJECTED_ANSWER, body[:200]
+    assert headers["Server"] == "aiohttp"
     logged = [
         r
         for r in caplog.records[before:]
@@ -464,11 +468,31 @@ async def test_a_request_http_rejects_costs_one_short_line_and_a_short_plain_ans
         )
 
 
+async def test_aiohttp_answers_in_its_own_way_again_once_the_app_has_stopped(
+    aiohttp_server, app_module, db_url, monkeypatch
+):
+    """The JSON answer comes with the app's cleanup context, so it leaves with the app: a bare
+    aiohttp app started afterwards in the same process gets aiohttp's own plain-text 400."""
+    raw = REJECTED["malformed-content-length"]
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    chapter_server = await aiohttp_server(app_module.create_app())
+    _, headers, _ = await raw_exchange(chapter_server.host, chapter_server.port, raw)
+    assert headers["Content-Type"].startswith("application/json")
+    await chapter_server.close()
+    bare_server = await aiohttp_server(web.Application())
+    status, headers, _ = await raw_exchange(bare_server.host, bare_server.port, raw)
+    assert (status, headers["Content-Type"]) == (400, "text/plain; charset=utf-8")
+
+
 async def test_server_header_names_no_versions(client):
-    """The answers the app makes do not tell a client which Python and aiohttp it runs."""
+    """No answer tells a client which Python and aiohttp it runs: not those the app makes, and not
+    the one aiohttp makes itself for a request its parser rejects."""
     for path in ("/", "/health", "/ready", "/users/1", "/nope"):
         server = (await client.get(path)).headers.get("Server", "")
         assert not re.search(r"\d|Python", server), f"{path}: Server: {server}"
+    raw = REJECTED["malformed-content-length"]
+    _, headers, _ = await raw_exchange(client.server.host, client.server.port, raw)
+    assert not re.search(r"\d|Python", headers.get("Server", "")), headers
 
 
 # -- arbitrary requests against the last chapter, in process ---------------------------------------
@@ -534,8 +558,8 @@ def test_arbitrary_requests_get_json_never_a_500_and_only_the_row_asked_for(
     last_chapter_in_a_thread, method, user_id, query, fields
 ):
     """Any method, any path segment after /users/, any query string and header values, oversized
-    ones included: every answer the app makes is JSON; what HTTP rejects first is a short plain-text
-    400; nothing is a 500; every answer comes within READY_BOUND; a row comes back only for its
+    ones included: every answer is JSON, and what HTTP rejects first is the same 400 whatever was
+    sent; nothing is a 500; every answer comes within READY_BOUND; a row comes back only for its
     canonical id."""
     target = "/users/" + quote(user_id, safe="") + ("?" + quote(query, safe="=&") if query else "")
     lines = [
@@ -547,18 +571,10 @@ def test_arbitrary_requests_get_json_never_a_500_and_only_the_row_asked_for(
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", errors="replace")
     status, answer, body, took = exchange(last_chapter_in_a_thread, raw)
     assert status != 500 and took < READY_BOUND, (status, took)
-    if answer.get("content-type", "").startswith("application/json"):
-        document = json.loads(body) if body else None
-    else:  # rejected by aiohttp's parser, before the app
-        assert status == 400 and answer.get("content-type", "").startswith("text/plain"), (
-            status,
-            body[:200],
-        )
-        assert b"<html" not in body.lower(), body[:200]
-        # aiohttp 3.14 may quote the offending line back in full (the chapter 06 page says so): the
-        # answer is bounded by what was sent, not short.
-        assert len(body) <= len(raw) + 200, body[:200]
-        return
+    assert answer.get("content-type", "").startswith("application/json"), (status, body[:200])
+    document = json.loads(body) if body else None
+    if status == 400:  # rejected by aiohttp's parser, before the app: nothing of it quoted
+        assert document == REJECTED_ANSWER, body[:200]
     if status == 200 and isinstance(document, dict) and "id" in document:
         assert user_id.isascii() and user_id.isdigit() and str(int(user_id)) == user_id, user_id
         assert document["id"] == int(user_id)

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import uuid
+from http import HTTPStatus
 
 import aiohttp
 import asyncpg
@@ -140,6 +141,31 @@ class QuietRejections(logging.LoggerAdapter):
 async def plain_server_header(request, response) -> None:
     # Not "Python/3.x aiohttp/3.y": a version tells an attacker what to try.
     response.headers["Server"] = "aiohttp"
+
+
+def handle_error_in_json(
+    handler, aiohttp_handle_error, request, status=500, exc=None, message=None
+):
+    """aiohttp's own error answer, as JSON that does not quote the input."""
+    aiohttp_handle_error(handler, request, status, exc, message)  # logs it
+    answer = web.json_response(
+        {"error": HTTPStatus(status).phrase, "status": status},
+        status=status,
+        headers={"Server": "aiohttp"},
+    )
+    answer.force_close()  # as aiohttp does: the connection may be garbled
+    return answer
+
+
+async def json_rejections(app: web.Application):
+    # aiohttp builds this answer itself, before any middleware, and has no
+    # hook for it (aio-libs/aiohttp#3287): wrap the method while we run.
+    aiohttp_handle_error = web.RequestHandler.handle_error
+    web.RequestHandler.handle_error = functools.partialmethod(
+        handle_error_in_json, aiohttp_handle_error
+    )
+    yield
+    web.RequestHandler.handle_error = aiohttp_handle_error
 
 
 # --8<-- [end:rejected]
@@ -297,6 +323,7 @@ def create_app() -> web.Application:
         middlewares=[json_errors], handler_args={"logger": server_log}
     )
     app.on_response_prepare.append(plain_server_header)
+    app.cleanup_ctx.append(json_rejections)
     app.cleanup_ctx.append(pg_pool)
     app.cleanup_ctx.append(http_client)
     app.on_shutdown.append(announce_shutdown)
