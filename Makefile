@@ -12,6 +12,7 @@ PORT    ?= 8080
 DIR     ?=
 SETUP   ?=
 ARGS    ?=
+JOBS    ?= auto
 export PORT
 # Named on the command line or in the environment, PYTHON must be the one .venv was made with.
 EXPLICIT := $(if $(filter default,$(origin PYTHON)),0,1)
@@ -24,7 +25,7 @@ export NO_MKDOCS_2_WARNING := 1
 
 help:
 	@echo "make run   [CHAPTER=NN] [PORT=8080]   run a chapter (default: the last) against a local PostgreSQL"
-	@echo "make test  [ARGS='tests/test_01_minimal_app.py -x']   run every test (or what ARGS names)"
+	@echo "make test  [ARGS='tests/test_01_minimal_app.py -x'] [JOBS=1]  every test (or ARGS), on every core"
 	@echo "make check CHAPTER=NN DIR=path        run chapter NN's tests against your own folder"
 	@echo "make docs                             serve the tutorial site on http://localhost:8000"
 	@echo "make bench                            measure the service (see bench/README.md)"
@@ -41,7 +42,7 @@ run:
 
 test:
 	$(VENV_DEV)
-	@$(PY) -m pytest $(ARGS)
+	@$(PY) -m pytest -n $(JOBS) --dist loadgroup $(ARGS)
 
 check:
 	$(VENV_DEV)

@@ -40,6 +40,8 @@ def checked_chapters() -> list[manifest.Chapter]:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "chapters(until): the last chapter this behaviour holds in")
+    # pytest-xdist's own marker, declared here too for a run with -p no:xdist
+    config.addinivalue_line("markers", "xdist_group(name): tests that share one xdist worker")
 
 
 def pytest_generate_tests(metafunc):
@@ -58,6 +60,7 @@ def pytest_generate_tests(metafunc):
 _no_chapter: set[str] = set()  # tests whose chapters(until=...) excludes every checked chapter
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     # A behaviour that no checked chapter has (make check CHAPTER=06 on a test marked until="05") is
     # not a skip: it is left out, so neither CI nor a learner sees a SKIP line that means nothing.
@@ -65,6 +68,12 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = [item for item in items if item not in dropped]
+    # `make test` runs xdist workers with --dist loadgroup, and a group stays on one worker: a
+    # module's tests share its module-scoped fixtures (a fleet, the learners' reports), and every
+    # test of the Docker engine shares its one data root.
+    for item in items:
+        group = "docker" if "docker" in item.fixturenames else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture

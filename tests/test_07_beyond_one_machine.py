@@ -466,3 +466,21 @@ def test_ctrl_c_on_make_rollout_leaves_no_process_behind(fleet_tools, tmp_path):
     output, started = interrupted(["-m", "tutorial.rollout"], tmp_path, "requests so far")
     assert still_running(started) == [], output
     assert "interrupted; stopping the fleet" in output
+
+
+def test_a_deep_runtime_folder_still_gives_haproxy_a_socket_it_takes(fleet_tools, tmp_path):
+    """HAProxy refuses a stats socket path over 97 bytes (pytest-xdist's folders reach it): past
+    that, the socket moves to the temp folder, under a name any process taking over the same
+    fleet computes alike, and `haproxy -c` accepts the config."""
+    runtime = tmp_path / ("a-rather-deep-folder-" * 5) / "fleet"
+    runtime.mkdir(parents=True)
+    fleet = fleet_module.Fleet(runtime, port=process.free_port(), say=lambda _: None)
+    fleet.app_port = process.free_port()
+    assert len(str(runtime / "haproxy.sock")) > 97
+    assert len(str(fleet.stats_socket)) <= 97
+    assert fleet.stats_socket == fleet_module.Fleet(runtime, say=lambda _: None).stats_socket
+    cfg = runtime / "haproxy.cfg"
+    cfg.write_text(fleet.haproxy_config())
+    haproxy = fleet_module.tool("haproxy")
+    check = subprocess.run([haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr

@@ -11,6 +11,7 @@ packages may have started are left alone, and stop() ends exactly what start() b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -446,11 +448,22 @@ class Fleet:
     def stop_pgbouncer(self) -> None:
         self.pgbouncer.stop(signal.SIGTERM, timeout=5)
 
+    @property
+    def stats_socket(self) -> Path:
+        """HAProxy's admin socket: in the runtime folder, unless that path is longer than HAProxy
+        takes (97 bytes); then in the temp folder, named after the runtime folder, so that a
+        `make rollout` taking over this fleet finds it too."""
+        here = self.runtime.resolve() / "haproxy.sock"
+        if len(str(here).encode()) <= 97:
+            return here
+        tag = hashlib.sha256(str(here).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"aiohttp-fleet-{tag}.sock"
+
     def haproxy_config(self) -> str:
         r = self.numbers.readiness
         lines = [
             "global",
-            f"    stats socket {self.runtime / 'haproxy.sock'} mode 600 level admin",
+            f"    stats socket {self.stats_socket} mode 600 level admin",
             "defaults",
             "    mode tcp",  # layer 4, like kube-proxy: a connection goes to one pod
             "    timeout connect 2s",
@@ -477,13 +490,11 @@ class Fleet:
         cfg = self.runtime / "haproxy.cfg"
         cfg.write_text(self.haproxy_config())
         check = subprocess.run(
-            [tool("haproxy"), "-c", "-q", "-f", str(cfg)],
-            capture_output=True,
-            text=True,
-            check=False,
+            [tool("haproxy"), "-c", "-f", str(cfg)], capture_output=True, text=True, check=False
         )
-        if check.returncode != 0:
-            raise FleetError(f"haproxy rejected {cfg}: {check.stderr.strip().splitlines()[-1:]}")
+        if check.returncode != 0:  # the first ALERT says why; the ones after it sum up
+            alerts = [line for line in check.stderr.splitlines() if "[ALERT]" in line]
+            raise FleetError(f"haproxy rejected {cfg}: {(alerts or ['no reason given'])[0]}")
         self.say(f"starting HAProxy on localhost:{self.port}")
         self.haproxy = Part(
             "haproxy", [tool("haproxy"), "-db", "-f", str(cfg)], self.runtime / "haproxy.log"
@@ -551,7 +562,7 @@ class Fleet:
     def haproxy_command(self, command: str) -> str:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(5)
-            sock.connect(str(self.runtime / "haproxy.sock"))
+            sock.connect(str(self.stats_socket))
             sock.sendall(command.encode() + b"\n")
             answer = b""
             while chunk := sock.recv(65536):
