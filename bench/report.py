@@ -144,9 +144,17 @@ def _range(s: dict | None, fmt: str = "{:,.0f}") -> str:
     return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}–{fmt.format(s['max'])})"
 
 
-def rps_of(variants: list[dict], key: str, path: str) -> float | None:
+def rps_of(variants: list[dict], key: str, path: str, field: str = "median") -> float | None:
     v = next((v for v in variants if v["key"] == key and path in v["summary"]), None)
-    return v["summary"][path]["rps"]["median"] if v else None
+    return v["summary"][path]["rps"][field] if v else None
+
+
+def ranges_apart(variants: list[dict], a: str, b: str, path: str) -> bool:
+    """Whether the min-max req/s ranges of two variants do not overlap: only then does one run
+    establish which of the two is faster."""
+    low_a, high_a = rps_of(variants, a, path, "min"), rps_of(variants, a, path, "max")
+    low_b, high_b = rps_of(variants, b, path, "min"), rps_of(variants, b, path, "max")
+    return low_a > high_b or high_a < low_b
 
 
 def _name(v: dict) -> str:
@@ -376,6 +384,7 @@ def knob_effects(results: dict) -> list[dict]:
                 "knob": what,
                 "against": base,
                 "ratios": ratios,
+                "apart": {path: ranges_apart(variants, key, base, path) for path in PATH_TITLES},
                 "effect": round(effect, 3),
             }
         )
@@ -391,11 +400,16 @@ def knobs_md(results: dict) -> str:
     if not effects:
         lines = ["_This run measured too few variants to compare knobs._"]
     for k in effects:
-        lines.append(
-            f"| {k['knob']} | `{k['variant']}` | `{k['against']}` | "
-            f"{k['ratios'][ROOT_PATH]:.2f}× | "
-            f"{k['ratios'][USERS_PATH]:.2f}× |"
-        )
+        cells = [
+            f"{'' if k['apart'][path] else '≈ '}{k['ratios'][path]:.2f}×" for path in PATH_TITLES
+        ]
+        lines.append(f"| {k['knob']} | `{k['variant']}` | `{k['against']}` | {' | '.join(cells)} |")
+    if any(not all(k["apart"].values()) for k in effects):
+        lines += [
+            "",
+            "≈: the two variants' min–max ranges overlap, so this run does not establish which "
+            "of them is faster.",
+        ]
     by_key = {v["key"]: v for v in results["variants"]}
     written = next((v for v in results["variants"] if v.get("as_written")), None)
     bare = rps_of(results["variants"], BARE, ROOT_PATH)
@@ -405,7 +419,12 @@ def knobs_md(results: dict) -> str:
             "",
             f"The chapter as written (`{written['key']}`) serves GET / at "
             f"{mine / bare:.2f}× the req/s of bare aiohttp with the same worker settings "
-            f"(`{BARE}`): {mine:,.0f} against {bare:,.0f}.",
+            f"(`{BARE}`): {mine:,.0f} against {bare:,.0f}"
+            + (
+                "."
+                if ranges_apart(results["variants"], written["key"], BARE, ROOT_PATH)
+                else "; their ranges overlap, so this run does not establish the gap."
+            ),
         ]
     if TUNED_W2 in by_key and DEFAULT_W2 in by_key:
         fast = (by_key[TUNED_W2]["summary"].get("stop_s") or {}).get("median")

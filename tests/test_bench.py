@@ -131,3 +131,21 @@ def test_report_write_leaves_the_results_it_is_given_alone(tmp_path):
     files = report.write(results, tmp_path)
     assert results == given
     assert json.loads(files["json"].read_text())["knobs"] == report.knob_effects(given)
+
+
+def test_a_knob_ratio_inside_the_noise_is_marked_and_explained():
+    """A ratio whose two variants' min-max ranges overlap is marked ≈ in the knob table, with the
+    line that says what ≈ means; once the ranges are moved apart, the same ratio is unmarked."""
+    results = json.loads((RESULTS / "results.json").read_text())
+    by_key = {v["key"]: v for v in results["variants"]}
+    uvloop = next(k for k in report.KNOBS if k[2] == "w2-no-uvloop")
+    key, what, base = uvloop
+    root = {v: by_key[v]["summary"][report.ROOT_PATH]["rps"] for v in (key, base)}
+    root[key].update(min=100.0, median=150.0, max=200.0)
+    root[base].update(min=150.0, median=160.0, max=250.0)
+    row = next(line for line in report.knobs_md(results).splitlines() if what in line)
+    assert "≈" in row.split("|")[-3], row
+    assert "ranges overlap, so this run does not establish" in report.knobs_md(results)
+    root[base].update(min=210.0, max=250.0)
+    row = next(line for line in report.knobs_md(results).splitlines() if what in line)
+    assert "≈" not in row.split("|")[-3], row
