@@ -71,7 +71,7 @@ rm -f "$venv/.complete"
 started=$(date +%s)
 # One line per package, so a first install never looks stuck; pip's full output goes to pip.log.
 if ! "$venv/bin/python" -m pip install --disable-pip-version-check --require-hashes -r "$lock" 2>&1 \
-    | tee "$venv/pip.log" | { grep --line-buffered '^Collecting' \
+    | tee "$venv/pip.log" | { grep --line-buffered -E '^(Collecting|Processing) ' \
     | sed 's/^/    /' || true; }; then
   echo "pip failed; the last lines of $venv/pip.log (the next make rebuilds $venv):" >&2
   tail -n 15 "$venv/pip.log" >&2
