@@ -311,3 +311,26 @@ def test_performance_charts_read_at_the_page_width(browser, site_url):
     shot.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(shot), full_page=True)
     recorder.assert_clean()
+
+
+def test_no_table_on_any_page_scrolls_sideways(browser, site_url, built_site):
+    """At 1280 x 900, every table of every page fits its column: a number cut off at the edge
+    (the CPU column of a wide benchmark table) is a number nobody reads."""
+    page, recorder = browser
+    pages = sorted(built_site.path.rglob("index.html"))
+    wide = []
+    for html in pages:
+        folder = html.parent.relative_to(built_site.path).as_posix()
+        page.goto(site_url if folder == "." else f"{site_url}{folder}/")
+        page.wait_for_load_state("load")
+        wide += page.evaluate(
+            """() => [...document.querySelectorAll("article table")].map(table => {
+                const wrap = table.closest(".md-typeset__scrollwrap") || table.parentElement;
+                return {head: table.rows[0].innerText.replace(/\\s+/g, " ").slice(0, 60),
+                        over: wrap.scrollWidth - wrap.clientWidth, box: wrap.clientWidth};
+            }).filter(t => t.over > 0).map(t => `${location.pathname}: ${t.over}px wider than` +
+                                              ` its ${t.box}px: ${t.head}`)"""
+        )
+    assert len(pages) > 5, pages
+    assert wide == [], "\n".join(wide)
+    recorder.assert_clean()
