@@ -197,3 +197,36 @@ def test_make_run_refuses_an_earlier_chapter_without_its_database():
         assert run.returncode == 1, output
         [said] = [line for line in output.splitlines() if "could not load" in line]
         assert "starting anyway" not in said and "serving on" not in output
+
+
+def test_make_test_keeps_a_modules_tests_on_one_worker():
+    """`make test` runs pytest-xdist with --dist loadgroup, and tests/conftest.py puts each
+    module's tests in one group: run on two workers, a module's tests all land on one, under its
+    group's name. A pytest or xdist bump that silently stops the grouping fails here."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-n",
+            "2",
+            "--dist",
+            "loadgroup",
+            "-v",
+            "tests/test_07_beyond_one_machine.py",
+            "-k",
+            "strict_validation",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ran = [line for line in done.stdout.splitlines() if " PASSED " in line]
+    assert len(ran) >= 4, done.stdout[-2000:]
+    workers = {line.split("]")[0] for line in ran}
+    assert len(workers) == 1, "\n".join(ran)
+    assert all(line.rstrip().endswith("@test_07_beyond_one_machine") for line in ran), ran[0]
