@@ -7,10 +7,12 @@ a slow or silent database.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib.util
 import itertools
 import os
+import re
 import socket
 import sys
 import threading
@@ -193,6 +195,23 @@ def wait_for_lines(
             f"expected {count} log line(s) with {needle!r}{why} within {timeout:g} s, found "
             f"{len(lines())}; it last printed: {last_lines(running.output())}"
         ) from None
+
+
+GUNICORN_LINE = re.compile(r"^\[(?P<at>[^]]+)\] \[\d+\] \[\w+\] (?P<message>.*)$")
+
+
+def gunicorn_stop_seconds(log: str) -> float:
+    """From the master's "Handling signal: term" to its "Shutting down: Master", by Gunicorn's own
+    timestamps (whole seconds): how long the service took to stop, without the time `docker stop`
+    itself takes on a busy machine."""
+    at = {}
+    for line in log.splitlines():
+        found = GUNICORN_LINE.match(line)
+        if found and found["message"] in ("Handling signal: term", "Shutting down: Master"):
+            when = datetime.datetime.strptime(found["at"], "%Y-%m-%d %H:%M:%S %z")
+            at.setdefault(found["message"], when)
+    assert len(at) == 2, f"no SIGTERM and master exit in the log:\n{log}"
+    return (at["Shutting down: Master"] - at["Handling signal: term"]).total_seconds()
 
 
 def wait_for_connections(pg, database: str, count: int, timeout: float = 20.0) -> int:

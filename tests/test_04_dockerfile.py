@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import SAMPLE_USER, missing
+from helpers import SAMPLE_USER, gunicorn_stop_seconds, missing
 
 from tutorial import chapters as manifest
 from tutorial.docker_engine import dockerfile_arg, in_parallel, run_container
@@ -102,7 +102,7 @@ def test_container_serves_runs_three_workers_as_non_root_and_stops_cleanly(
     """Run twice at once, as is and with a read-only root and a tmpfs /tmp, with no network: each
     answers /health and /users/1 (and /ready from chapter 06) through the mounted database socket,
     runs Gunicorn as PID 1 with 3 workers, all as uid 10001, logs no ERROR line, and on
-    `docker stop` exits 0 within 5 s after every worker has logged its teardown."""
+    `docker stop` exits 0, within 5 s by its own log, after every worker has logged its teardown."""
     containers = [
         run_container(
             docker,
@@ -130,11 +130,13 @@ def test_container_serves_runs_three_workers_as_non_root_and_stops_cleanly(
             assert len(gunicorns) == 4, processes  # the master and WEB_CONCURRENCY=3 workers
             assert {uid for _, uid, _ in processes} == {APP_UID}, processes
 
-        for container, (seconds, code) in zip(
+        for container, (_, code) in zip(
             containers, in_parallel(lambda c: c.stop(), containers), strict=True
         ):
             logs = container.logs()
-            assert code == 0 and seconds < 5, f"exit {code} after {seconds:.1f}s\n{logs}"
+            # 0, not 137: it stopped by itself, promptly, not at a drain's deadline
+            took = gunicorn_stop_seconds(logs)
+            assert code == 0 and took < 5, f"exit {code}, {took:.0f}s by its log\n{logs}"
             for line in teardown_lines(chapter):
                 assert logs.count(line) == 3, f"{line!r} not logged by each of 3 workers:\n{logs}"
             assert "Shutting down: Master" in logs, logs
@@ -146,7 +148,7 @@ def test_container_serves_runs_three_workers_as_non_root_and_stops_cleanly(
 
 def test_last_chapter_without_a_database_is_live_but_not_ready(images, docker):
     """No database at all: /health answers 200 and /ready a JSON 503, the process stays up, and
-    `docker stop` still ends it with exit 0 within 5 s."""
+    `docker stop` still ends it with exit 0, within 5 s by its own log."""
     latest = manifest.latest()
     container = run_container(
         docker,
@@ -164,8 +166,10 @@ def test_last_chapter_without_a_database_is_live_but_not_ready(images, docker):
         }
         assert container.get("/health") == (200, '{"status": "ok"}')
         assert container.state()["Status"] == "running"
-        seconds, code = container.stop()
-        assert code == 0 and seconds < 5, f"exit {code} after {seconds:.1f}s\n{container.logs()}"
+        _, code = container.stop()
+        logs = container.logs()
+        took = gunicorn_stop_seconds(logs)
+        assert code == 0 and took < 5, f"exit {code}, {took:.0f}s by its log\n{logs}"
     finally:
         container.remove()
 

@@ -31,6 +31,7 @@ from helpers import (
     UsersLock,
     connections_to,
     fresh_database,
+    gunicorn_stop_seconds,
     load_module,
     missing,
     read_until_closed,
@@ -452,8 +453,10 @@ def test_erratum_02_shell_form_cmd_waits_out_docker_stop_and_is_killed(
             f"\nerratum 2, docker stop: exec form exit {exec_code} in {exec_seconds:.2f}s; "
             f"shell form exit {shell_code} in {shell_seconds:.2f}s"
         )
-        assert exec_code == 0 and exec_seconds < 5, (
-            f"exit {exec_code} after {exec_seconds:.1f}s\n{exec_logs}"
+        # by Gunicorn's own log: `docker stop` itself can take seconds on a busy machine
+        exec_took = gunicorn_stop_seconds(exec_logs)
+        assert exec_code == 0 and exec_took < 5, (
+            f"exit {exec_code}, {exec_took:.0f}s by its log\n{exec_logs}"
         )
         assert exec_logs.count("pool closed") == 3, exec_logs
         assert shell_code == 137 and shell_seconds >= 9.5, (
