@@ -77,38 +77,15 @@ def checks(summary: dict, written: str | None) -> list[dict]:
         if subject not in summary:
             continue
 
-        def ratio(a, b):
+        def ratio(base, path, subject=subject):
+            a, b = median(summary, subject, path, "rps"), median(summary, base, path, "rps")
             return round(a / b, 2) if a and b else None
 
         rows = [
-            (
-                "GET / req/s vs chapter 01 under python app.py",
-                ">=",
-                1.6,
-                ratio(
-                    median(summary, subject, ROOT_PATH, "rps"),
-                    median(summary, APP, ROOT_PATH, "rps"),
-                ),
-            ),
-            (
-                "GET / req/s vs nginx with 2 workers",
-                ">=",
-                0.35,
-                ratio(
-                    median(summary, subject, ROOT_PATH, "rps"),
-                    median(summary, NGINX_W2, ROOT_PATH, "rps"),
-                ),
-            ),
+            ("GET / req/s vs chapter 01 under python app.py", ">=", 1.6, ratio(APP, ROOT_PATH)),
+            ("GET / req/s vs nginx with 2 workers", ">=", 0.35, ratio(NGINX_W2, ROOT_PATH)),
             ("GET /users/{id} p99 (ms)", "<=", 20, median(summary, subject, USERS_PATH, "p99_ms")),
-            (
-                "GET /users/{id} req/s vs 1 default worker",
-                ">=",
-                1.2,
-                ratio(
-                    median(summary, subject, USERS_PATH, "rps"),
-                    median(summary, SINGLE, USERS_PATH, "rps"),
-                ),
-            ),
+            ("GET /users/{id} req/s vs 1 default worker", ">=", 1.2, ratio(SINGLE, USERS_PATH)),
             (
                 "worker boot to first healthy answer (s)",
                 "<",

@@ -213,28 +213,21 @@ def assert_in_words(report: Report) -> None:
     assert report.stderr == "" and "Traceback" not in "\n".join(report.lines)
 
 
+# What the article's code gets right, and the lessons it misses, in process: alike in 02 and 03.
+ARTICLE_GETS_RIGHT = frozenset({INDEX, HEALTH, FACTORY, POOL, SCHEMES, LEAKS})
+ARTICLE_MISSES = frozenset(
+    {UNKNOWN, POST_INDEX, BUG, USER, COLUMNS, NO_ROW, BAD_IDS, BIGGEST, USER_405, APP_KEY}
+    | {UNREACHABLE, SILENT}
+)
+
+
 def test_article_02_passes_what_it_gets_right_and_fails_each_lesson_for_its_own_reason(article_02):
     """The article's chapter 02 code: GET /, GET /health, the factory, the run, the pool's life and
     both DSN schemes pass; each lesson it misses fails with its own reason."""
     report = article_02
     assert_in_words(report)
-    passing = {INDEX, HEALTH, FACTORY, POOL, SCHEMES, LEAKS}
-    failing = {
-        UNKNOWN,
-        POST_INDEX,
-        BUG,
-        USER,
-        COLUMNS,
-        NO_ROW,
-        BAD_IDS,
-        BIGGEST,
-        USER_405,
-        APP_KEY,
-        RUNS_02,
-        UNREACHABLE,
-        SILENT,
-        PORT_01,
-    }
+    passing = {*ARTICLE_GETS_RIGHT}
+    failing = {*ARTICLE_MISSES, RUNS_02, PORT_01}
     if port_8080_is_free():
         passing.add(RUNS_01)
     else:
@@ -310,25 +303,8 @@ def test_article_03_fails_every_run_on_the_bare_factory(article_03):
         CLEAN_LOG,
         LISTENS,
     }
-    assert report.verdicts("ok") == {INDEX, HEALTH, FACTORY, POOL, SCHEMES, LEAKS}
-    assert (
-        report.verdicts("FAIL")
-        == {
-            UNKNOWN,
-            POST_INDEX,
-            BUG,
-            USER,
-            COLUMNS,
-            NO_ROW,
-            BAD_IDS,
-            BIGGEST,
-            USER_405,
-            APP_KEY,
-            UNREACHABLE,
-            SILENT,
-        }
-        | runs
-    )
+    assert report.verdicts("ok") == ARTICLE_GETS_RIGHT
+    assert report.verdicts("FAIL") == ARTICLE_MISSES | runs
     assert PORT_01 not in report.behaviours  # from chapter 03 on, PORT_03 judges it
     for behaviour in runs:
         assert all(

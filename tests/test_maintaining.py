@@ -168,23 +168,7 @@ def test_freshness_reads_verdicts_and_names_the_errata_that_changed(tmp_path):
         "    def test_n(self, n): assert n == 1\n"
     )
     junit = tmp_path / "out.xml"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-o",
-            "junit_family=xunit1",
-            f"--junitxml={junit}",
-            "test_sample.py",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-    )
-    assert freshness.verdicts(junit) == {
+    assert freshness.run_suite(Path(sys.executable), junit, ["test_sample.py"], cwd=tmp_path) == {
         "test_sample.py::test_ok": "passed",
         "test_sample.py::test_broken": "failed",
         "test_sample.py::test_skipped": "skipped",

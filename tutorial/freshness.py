@@ -68,8 +68,9 @@ def verdicts(junit: Path) -> dict[str, str]:
     return found
 
 
-def run_suite(python: Path, junit: Path, args: list[str]) -> dict[str, str]:
-    """The suite (or `args`) under `python`; a run that collected nothing is an error."""
+def run_suite(python: Path, junit: Path, args: list[str], cwd: Path = ROOT) -> dict[str, str]:
+    """The suite (or `args`) under `python`, run in `cwd`; a run that collected nothing is an
+    error."""
     argv = [
         str(python),
         "-m",
@@ -82,7 +83,7 @@ def run_suite(python: Path, junit: Path, args: list[str]) -> dict[str, str]:
         f"--junitxml={junit}",
         *args,
     ]
-    subprocess.run(argv, cwd=ROOT)
+    subprocess.run(argv, cwd=cwd)
     if not junit.exists():
         raise SystemExit(f"pytest wrote no {junit.name}: see its output above")
     return verdicts(junit)
