@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import asyncpg
 import kubernetes_validate
@@ -240,6 +241,23 @@ LAST_LINE = re.compile(
 )
 
 
+def launch(argv: list[str], tmp_path: Path, log_name: str) -> tuple[subprocess.Popen, Path, dict]:
+    """`python argv` as make runs it, in a session of its own (a terminal's foreground job), its
+    output in tmp_path/log_name; the process, the log and the environment it was given."""
+    env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
+    log = tmp_path / log_name
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=chapters.ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc, log, env
+
+
 def test_make_fleet_then_make_rollout_fails_no_request_and_ctrl_c_leaves_nothing(
     fleet_tools, tmp_path
 ):
@@ -248,17 +266,7 @@ def test_make_fleet_then_make_rollout_fails_no_request_and_ctrl_c_leaves_nothing
     leaves the load balancer before its SIGTERM and exits within its grace period; PostgreSQL never
     holds more than PgBouncer's pool. Then Ctrl-C on `make fleet` stops everything, the rollout's
     replicas included."""
-    env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
-    log = tmp_path / "fleet.log"
-    with open(log, "w") as out:
-        fleet_proc = subprocess.Popen(
-            [sys.executable, "-m", "tutorial.fleet"],
-            cwd=chapters.ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    fleet_proc, log, env = launch(["-m", "tutorial.fleet"], tmp_path, "fleet.log")
     try:
         wait_for_output(log, fleet_proc, "Try:")
         old = {r[0] for r in state_of(tmp_path)["replicas"].values()}
@@ -425,17 +433,7 @@ def interrupted(
 ) -> tuple[str, list[int]]:
     """Run `argv` as make would, press Ctrl-C once `wait_for` is printed; its output and every pid
     it had started."""
-    env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
-    log = tmp_path / "out.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, *argv],
-            cwd=chapters.ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc, log, _ = launch(argv, tmp_path, "out.log")
     try:
         wait_for_output(log, proc, wait_for, timeout)
         started = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
