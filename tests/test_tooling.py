@@ -2,6 +2,7 @@
 fails."""
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 
 import psutil
+from helpers import missing
 
 from tutorial import chapters
 from tutorial.process import free_port, get
@@ -230,3 +232,26 @@ def test_make_test_keeps_a_modules_tests_on_one_worker():
     workers = {line.split("]")[0] for line in ran}
     assert len(workers) == 1, "\n".join(ran)
     assert all(line.rstrip().endswith("@test_07_beyond_one_machine") for line in ran), ran[0]
+
+
+def test_two_processes_making_the_database_user_at_once_both_succeed():
+    """As root, PostgreSQL runs as a user of its own, made on first use; on a new machine every
+    xdist worker starts its server at the same moment, and each must get the user, not an error
+    from the useradd that lost the race. (A user of the test's own, removed afterwards.)"""
+    if os.geteuid() != 0:
+        missing("root", "the database user is made only when the tests run as root")
+    name = f"tutorial_probe_{os.getpid()}"
+    code = f"from tutorial.database import ensure_user; ensure_user({name!r})"
+    racers = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    try:
+        failures = [err for racer in racers if (err := racer.communicate(timeout=60)[1])]
+        assert failures == [], f"a process failed to make the user:\n{failures[0]}"
+        pwd.getpwnam(name)
+    finally:
+        for racer in racers:
+            racer.kill()
+            racer.wait()
+        subprocess.run(["userdel", name], capture_output=True, check=False)

