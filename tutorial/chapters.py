@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shlex
 import sys
@@ -66,6 +67,37 @@ class Chapter:
         """The chapter after this one in chapters.toml; None for the last."""
         later = [c for c in load() if c.index > self.index]
         return later[0] if later else None
+
+    def code(self, name: str) -> str | None:
+        """What one of this chapter's files does, or its run command (name "run"): a Python
+        file's syntax tree without docstrings (comments never reach it), another file's text;
+        None when the chapter has no such file. Prose that changes leaves the code alone."""
+        if name == "run":
+            return self.run
+        path = self.folder / name
+        if not path.exists():
+            return None
+        if path.suffix != ".py":
+            return path.read_text(encoding="utf-8")
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and _is_docstring(body[0]):
+                node.body = body[1:] or [ast.Pass()]
+        return ast.dump(tree)
+
+    def changes(self, names: tuple[str, ...]) -> bool:
+        """Whether this chapter's code for any of `names` differs from the previous chapter's."""
+        before = self.previous
+        return before is None or any(self.code(n) != before.code(n) for n in names)
+
+
+def _is_docstring(node: ast.stmt) -> bool:
+    return (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    )
 
 
 _loaded: tuple[int, tuple[Chapter, ...]] | None = None

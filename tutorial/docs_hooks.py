@@ -246,12 +246,14 @@ def tests(chapter: manifest.Chapter) -> str:
     if earlier:
         lines += [
             "",
-            "Tests are cumulative: the tests of every earlier chapter run against this folder too ("
+            "Tests are cumulative: `make check` runs the tests of every earlier chapter against "
+            "this folder too ("
             + ", ".join(
                 f"[`{c.test_module.name}`]({up(src)}{test_page(c.test_module.name)})"
                 for c in earlier
             )
-            + ").",
+            + "); `make test` runs them here when this is the last chapter or when it changes "
+            "the code they run from.",
         ]
     lines += [
         "",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -83,7 +84,8 @@ def run_suite(python: Path, junit: Path, args: list[str], cwd: Path = ROOT) -> d
         f"--junitxml={junit}",
         *args,
     ]
-    subprocess.run(argv, cwd=cwd)
+    # Every chapter runs every earlier chapter's tests: a new release may break any of them.
+    subprocess.run(argv, cwd=cwd, env={**os.environ, "TUTORIAL_EVERY_CHAPTER": "1"})
     if not junit.exists():
         raise SystemExit(f"pytest wrote no {junit.name}: see its output above")
     return verdicts(junit)
