@@ -1,5 +1,5 @@
 # Two commands are all a fresh machine needs: `make run` and `make test`.
-# Each builds .venv from a hashed lock on first use (tutorial/venv.sh): `make run` installs only
+# Each builds .venv from a hashed lock on first use (tutorial/maintenance/venv.sh): `make run` installs only
 # the service and what running a chapter needs; test, docs, bench and lint add the rest.
 
 SHELL   := bash
@@ -18,8 +18,8 @@ RUNS    ?= 3
 export PORT
 # Named on the command line or in the environment, PYTHON must be the one .venv was made with.
 EXPLICIT := $(if $(filter default,$(origin PYTHON)),0,1)
-VENV_RUN := @bash tutorial/venv.sh '$(PYTHON)' $(EXPLICIT) run
-VENV_DEV := @bash tutorial/venv.sh '$(PYTHON)' $(EXPLICIT) dev
+VENV_RUN := @bash tutorial/maintenance/venv.sh '$(PYTHON)' $(EXPLICIT) run
+VENV_DEV := @bash tutorial/maintenance/venv.sh '$(PYTHON)' $(EXPLICIT) dev
 # Material for MkDocs prints a notice about its future in every build; MAINTAINING.md records it.
 export NO_MKDOCS_2_WARNING := 1
 
@@ -41,7 +41,7 @@ help:
 
 run:
 	$(VENV_RUN)
-	@$(PY) -m tutorial.run $(CHAPTER)
+	@$(PY) -m tutorial.learner.run $(CHAPTER)
 
 test:
 	$(VENV_DEV)
@@ -49,11 +49,11 @@ test:
 
 soak:
 	$(VENV_DEV)
-	@$(PY) -m tutorial.soak --runs $(RUNS) --jobs $(JOBS) $(if $(ARGS),-- $(ARGS))
+	@$(PY) -m tutorial.maintenance.soak --runs $(RUNS) --jobs $(JOBS) $(if $(ARGS),-- $(ARGS))
 
 check:
 	$(VENV_DEV)
-	@$(PY) -m tutorial.check $(CHAPTER) $(DIR)
+	@$(PY) -m tutorial.learner.check $(CHAPTER) $(DIR)
 
 docs:
 	$(VENV_DEV)
@@ -65,11 +65,11 @@ bench:
 
 fleet:
 	$(VENV_DEV)
-	@$(PY) -m tutorial.fleet
+	@$(PY) -m tutorial.fleet.fleet
 
 rollout:
 	$(VENV_DEV)
-	@$(PY) -m tutorial.rollout $(if $(SETUP),--setup $(SETUP))
+	@$(PY) -m tutorial.fleet.rollout $(if $(SETUP),--setup $(SETUP))
 
 lint:
 	$(VENV_DEV)
@@ -90,7 +90,7 @@ pins:
 
 freshness:
 	$(VENV_DEV)
-	@$(PY) -m tutorial.freshness
+	@$(PY) -m tutorial.maintenance.freshness
 
 clean:
 	rm -rf $(VENV) .data site .pytest_cache

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import psutil
 
-from tutorial import chapters, process
-from tutorial.database import POSTGRES_BIN_PATH
+from tutorial import chapters
+from tutorial.parts import process
+from tutorial.parts.database import POSTGRES_BIN_PATH
 
 from . import cpu, load, report, servers
 from .data import Database, select_statement

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tutorial.database import LocalPostgres, execute
+from tutorial.parts.database import LocalPostgres, execute
 
 SAMPLE_USERS = 5000
 DATABASE = "bench"

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tutorial.database import POSTGRES_BIN_PATH
+from tutorial.parts.database import POSTGRES_BIN_PATH
 
 HERE = Path(__file__).resolve().parent
 REPORT_LUA = HERE / "wrk" / "report.lua"

@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import psutil
 
-from tutorial import process
 from tutorial.chapters import Chapter
+from tutorial.parts import process
 
 from .variants import Knobs
 

@@ -23,8 +23,9 @@ import pytest
 from helpers import IN_CI, fresh_database, load_module, missing, start_fleet
 
 from tutorial import chapters as manifest
-from tutorial import expect, process
-from tutorial.database import DatabaseError, LocalPostgres, with_database
+from tutorial.learner import expect
+from tutorial.parts import process
+from tutorial.parts.database import DatabaseError, LocalPostgres, with_database
 
 
 # -- which chapters a test runs against ------------------------------------------------------------
@@ -207,11 +208,11 @@ def pytest_report_header(config):
     ]
 
 
-# -- a Docker engine of our own, for the container tests (see tutorial/docker_engine.py) -----------
+# -- a Docker engine of our own, for the container tests (see tutorial/parts/docker_engine.py) -----
 @pytest.fixture(scope="session")
 def docker():
     """dockerd with its own roots and no networking; stopped when the session ends."""
-    from tutorial import docker_engine
+    from tutorial.parts import docker_engine
 
     why = docker_engine.available()
     if why:
@@ -232,7 +233,7 @@ def docker():
 def base_image(docker):
     """The Dockerfile's own base when it is here or can be pulled; otherwise the stand-in, unless
     TUTORIAL_REAL_BASE=1 (as on GitHub's runners) says only the real one will do."""
-    from tutorial import docker_engine, standin
+    from tutorial.parts import docker_engine, standin
 
     real_only = os.environ.get("TUTORIAL_REAL_BASE") == "1"
     try:
@@ -383,12 +384,12 @@ def last_chapter_in_a_thread(pg, monkeypatch):
         loop.close()
 
 
-# -- chapter 07's fleet: PostgreSQL, PgBouncer, replicas and HAProxy, all real (tutorial/fleet.py)
+# -- chapter 07's fleet: PostgreSQL, PgBouncer, replicas and HAProxy, all real (tutorial/fleet/)
 @pytest.fixture(scope="session")
 def fleet_tools() -> None:
     """Debian's haproxy and pgbouncer; a learner's machine without them skips with what to
     install."""
-    from tutorial import fleet
+    from tutorial.fleet import fleet
 
     why = fleet.missing_tools()
     if why:
@@ -408,7 +409,7 @@ def fleet(fleet_tools, tmp_path_factory):
 @pytest.fixture
 def article_fleet(fleet_tools, tmp_path):
     """A fleet whose replicas run with Gunicorn's default graceful_timeout, as the article's do."""
-    from tutorial import rollout
+    from tutorial.fleet import rollout
 
     started = start_fleet(tmp_path / "fleet", graceful_timeout=rollout.ARTICLE["graceful_timeout"])
     yield started

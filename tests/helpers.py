@@ -22,9 +22,9 @@ from types import ModuleType
 import asyncpg
 import pytest
 
-from tutorial import process, waiting
-from tutorial.database import DatabaseError, execute
-from tutorial.expect import last_lines
+from tutorial.learner.expect import last_lines
+from tutorial.parts import process, waiting
+from tutorial.parts.database import DatabaseError, execute
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -244,8 +244,8 @@ def read_until_closed(sock: socket.socket) -> bytes:
 
 
 def start_fleet(runtime: Path, **options):
-    """Chapter 07's fleet (tutorial/fleet.py) started quietly; a failure to start fails the test."""
-    from tutorial import fleet
+    """Chapter 07's fleet (tutorial/fleet/) started quietly; a failure to start fails the test."""
+    from tutorial.fleet import fleet
 
     started = fleet.Fleet(runtime, port=process.free_port(), say=lambda message: None, **options)
     try:

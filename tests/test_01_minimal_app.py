@@ -5,8 +5,8 @@ Each test runs against chapter 01 and every later chapter.
 
 import pytest
 
-from tutorial.expect import allows_get, json_answer, said
-from tutorial.process import get, listening_ports
+from tutorial.learner.expect import allows_get, json_answer, said
+from tutorial.parts.process import get, listening_ports
 
 
 async def test_index_says_hello(client):

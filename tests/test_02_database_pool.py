@@ -14,9 +14,9 @@ import pytest
 from aiohttp import web
 from helpers import SAMPLE_USER, connections_to, silent_server
 
-from tutorial.database import execute
-from tutorial.expect import allows_get, as_json, json_answer, last_lines, said, why
-from tutorial.process import free_port, get, start
+from tutorial.learner.expect import allows_get, as_json, json_answer, last_lines, said, why
+from tutorial.parts.database import execute
+from tutorial.parts.process import free_port, get, start
 
 
 async def test_sample_user_as_json(client):

@@ -9,8 +9,8 @@ import psutil
 import pytest
 from helpers import connections_to, wait_for_connections, wait_for_lines
 
-from tutorial.expect import last_lines, serving
-from tutorial.process import get, listening_ports, start
+from tutorial.learner.expect import last_lines, serving
+from tutorial.parts.process import get, listening_ports, start
 
 
 @pytest.mark.parametrize("workers", [2, 3])

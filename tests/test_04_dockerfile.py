@@ -1,6 +1,6 @@
 """Chapter 04: the service in an image, built and run by a real Docker engine.
 
-The engine is our own dockerd with no networking (see tutorial/docker_engine.py): every container
+The engine is our own dockerd with no networking (tutorial/parts/docker_engine.py): every container
 runs with --network=none and is probed with `docker exec`; it reaches the test's PostgreSQL through
 the server's unix socket, mounted at /pgsock. Tests that take `chapter` run for chapter 04 and
 later.
@@ -16,7 +16,7 @@ from pathlib import Path
 from helpers import SAMPLE_USER, gunicorn_stop_seconds, missing
 
 from tutorial import chapters as manifest
-from tutorial.docker_engine import dockerfile_arg, in_parallel, run_container
+from tutorial.parts.docker_engine import dockerfile_arg, in_parallel, run_container
 
 ROOT = manifest.ROOT
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -203,7 +203,7 @@ def workflow() -> dict:
 def test_ci_runs_one_job_per_chapter_from_chapters_toml(tmp_path):
     """The first job's own script, run here as GitHub runs it, lists every chapter of chapters.toml
     with its test module, each of which exists; the chapter job takes its matrix from that list and
-    runs `make check` (tutorial.check) on that chapter's own folder."""
+    runs `make check` (tutorial.learner.check) on that chapter's own folder."""
     jobs = workflow()["jobs"]
     [step] = [s for s in jobs["chapters"]["steps"] if s.get("id") == "list"]
     output = tmp_path / "github_output"
@@ -225,7 +225,7 @@ def test_ci_runs_one_job_per_chapter_from_chapters_toml(tmp_path):
     assert matrix["chapter"] == "${{ fromJSON(needs.chapters.outputs.matrix).include }}"
     assert matrix["python"] == ["3.11", "3.13"]  # the oldest and newest the README promises
     steps = json.dumps(jobs["chapter"]["steps"])
-    assert "tutorial.check" in steps and "${{ matrix.chapter.number }}" in steps
+    assert "tutorial.learner.check" in steps and "${{ matrix.chapter.number }}" in steps
     assert "chapters/${{ matrix.chapter.chapter }}" in steps
 
 

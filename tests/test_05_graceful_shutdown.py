@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 from helpers import SAMPLE_USER, UsersLock, read_until_closed, send_request, wait_for_lines
 
-from tutorial import waiting
-from tutorial.process import free_port, get, start
+from tutorial.parts import waiting
+from tutorial.parts.process import free_port, get, start
 
 TEARDOWN = ("shutdown started", "http session closed", "pool closed")
 

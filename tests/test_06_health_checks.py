@@ -25,10 +25,10 @@ from helpers import UsersLock, fresh_database, silent_server, wait_for_lines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tutorial import waiting
-from tutorial.database import LocalPostgres
-from tutorial.expect import json_answer
-from tutorial.process import get, start
+from tutorial.learner.expect import json_answer
+from tutorial.parts import waiting
+from tutorial.parts.database import LocalPostgres
+from tutorial.parts.process import get, start
 
 UNAVAILABLE = {"error": "Database Unavailable", "status": 503}
 MARGIN = 3.0  # seconds on top of a timeout the chapter promises; generous, the machine may be busy

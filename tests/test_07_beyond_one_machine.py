@@ -2,8 +2,8 @@
 asyncpg settings, and a rolling deploy rehearsed on real parts (PostgreSQL, PgBouncer, HAProxy,
 Gunicorn replicas) fails no request.
 
-The static tests read chapter 07's own files through tutorial/budget.py; each invariant is also
-checked on a broken copy, so a check that could never fail would show here.
+The static tests read chapter 07's own files through tutorial/fleet/budget.py; each invariant is
+also checked on a broken copy, so a check that could never fail would show here.
 """
 
 import asyncio
@@ -24,9 +24,11 @@ import psutil
 import pytest
 from helpers import load_module
 
-from tutorial import budget, chapters, process, rollout, waiting
-from tutorial import fleet as fleet_module
-from tutorial.database import execute
+from tutorial import chapters
+from tutorial.fleet import budget, rollout
+from tutorial.fleet import fleet as fleet_module
+from tutorial.parts import process, waiting
+from tutorial.parts.database import execute
 
 FLEET = budget.load()
 
@@ -266,12 +268,12 @@ def test_make_fleet_then_make_rollout_fails_no_request_and_ctrl_c_leaves_nothing
     leaves the load balancer before its SIGTERM and exits within its grace period; PostgreSQL never
     holds more than PgBouncer's pool. Then Ctrl-C on `make fleet` stops everything, the rollout's
     replicas included."""
-    fleet_proc, log, env = launch(["-m", "tutorial.fleet"], tmp_path, "fleet.log")
+    fleet_proc, log, env = launch(["-m", "tutorial.fleet.fleet"], tmp_path, "fleet.log")
     try:
         wait_for_output(log, fleet_proc, "Try:")
         old = {r[0] for r in state_of(tmp_path)["replicas"].values()}
         result = subprocess.run(
-            [sys.executable, "-m", "tutorial.rollout", "--out", str(tmp_path / "out")],
+            [sys.executable, "-m", "tutorial.fleet.rollout", "--out", str(tmp_path / "out")],
             cwd=chapters.ROOT,
             env=env,
             capture_output=True,
@@ -404,7 +406,7 @@ def test_make_fleet_without_haproxy_says_what_to_install(tmp_path, command):
     """`make fleet` and `make rollout` without haproxy and pgbouncer: one line naming the packages,
     exit 1, and nothing started."""
     code = (
-        f"import sys, tutorial.fleet as f, tutorial.{command} as m; "
+        f"import sys, tutorial.fleet.fleet as f, tutorial.fleet.{command} as m; "
         "f.SBIN = ''; sys.exit(m.main([]))"
     )
     env = {
@@ -461,7 +463,7 @@ def still_running(pids: list[int]) -> list[str]:
 
 
 def test_ctrl_c_on_make_rollout_leaves_no_process_behind(fleet_tools, tmp_path):
-    output, started = interrupted(["-m", "tutorial.rollout"], tmp_path, "requests so far")
+    output, started = interrupted(["-m", "tutorial.fleet.rollout"], tmp_path, "requests so far")
     assert still_running(started) == [], output
     assert "interrupted; stopping the fleet" in output
 

@@ -47,7 +47,7 @@ def check(number: str, folder: Path) -> Report:
     scratch = tempfile.mkdtemp(prefix="check-", dir="/tmp")
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "tutorial.check", number, str(folder)],
+            [sys.executable, "-m", "tutorial.learner.check", number, str(folder)],
             cwd=chapters.ROOT,
             env={**os.environ, "TMPDIR": scratch},
             capture_output=True,

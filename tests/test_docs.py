@@ -20,7 +20,7 @@ import pytest
 from helpers import missing
 
 from tutorial import chapters as manifest
-from tutorial import process
+from tutorial.parts import process
 
 ROOT = manifest.ROOT
 DOCS = ROOT / "docs"

@@ -40,9 +40,10 @@ from helpers import (
     wait_for_lines,
 )
 
-from tutorial import chapters, waiting
-from tutorial.docker_engine import in_parallel, run_container
-from tutorial.process import Running, chapter_env, free_port, get, start
+from tutorial import chapters
+from tutorial.parts import waiting
+from tutorial.parts.docker_engine import in_parallel, run_container
+from tutorial.parts.process import Running, chapter_env, free_port, get, start
 
 CH01 = chapters.get("01")
 CH02 = chapters.get("02")

@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 from helpers import missing
 
-from tutorial import chapters, freshness
+from tutorial import chapters
+from tutorial.maintenance import freshness
 
 ROOT = chapters.ROOT
 TOP_LEVEL = {
@@ -89,11 +90,11 @@ def test_ci_lints_the_tree_and_runs_freshness_weekly():
     assert workflow[True]["schedule"], "no schedule: yaml reads `on` as True"
     fresh = workflow["jobs"]["freshness"]
     assert "schedule" in fresh["if"]
-    assert any("tutorial.freshness" in s.get("run", "") for s in fresh["steps"])
+    assert any("tutorial.maintenance.freshness" in s.get("run", "") for s in fresh["steps"])
     assert any(s.get("uses", "").startswith("actions/upload-artifact") for s in fresh["steps"])
 
 
-# -- tutorial/venv.sh, on a copy of the repository with empty locks (nothing to download) ----------
+# -- tutorial/maintenance/venv.sh, on a copy of the repository with empty locks (no download) --
 def pyenv_python(version: str) -> str:
     root = (
         shutil.which("pyenv")
@@ -108,7 +109,7 @@ def pyenv_python(version: str) -> str:
 def bootstrap(repo: Path, python: str, explicit: str = "0") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     return subprocess.run(
-        ["bash", "tutorial/venv.sh", python, explicit, "run"],
+        ["bash", "tutorial/maintenance/venv.sh", python, explicit, "run"],
         cwd=repo,
         env=env,
         capture_output=True,
@@ -118,8 +119,9 @@ def bootstrap(repo: Path, python: str, explicit: str = "0") -> subprocess.Comple
 
 
 def empty_repo(tmp_path: Path) -> Path:
-    (tmp_path / "tutorial").mkdir()
-    shutil.copy(ROOT / "tutorial" / "venv.sh", tmp_path / "tutorial" / "venv.sh")
+    home = tmp_path / "tutorial" / "maintenance"
+    home.mkdir(parents=True)
+    shutil.copy(ROOT / "tutorial" / "maintenance" / "venv.sh", home)
     for lock in TOP_LEVEL.values():
         (tmp_path / lock).write_text("# nothing to install\n")
     return tmp_path
@@ -156,7 +158,7 @@ def test_venv_rebuilds_an_unfinished_install_and_another_python(tmp_path):
     ), switched.stdout
 
 
-# -- tutorial/freshness.py's report, from a real pytest run ----------------------------------------
+# -- tutorial/maintenance/freshness.py's report, from a real pytest run ----------------------------
 def test_freshness_reads_verdicts_and_names_the_errata_that_changed(tmp_path):
     (tmp_path / "test_sample.py").write_text(
         "import pytest\n"
@@ -253,7 +255,17 @@ def test_make_soak_names_a_test_that_fails_in_a_shuffled_order(tmp_path):
     )
     out = tmp_path / "soak"
     run = subprocess.run(
-        [sys.executable, "-m", "tutorial.soak", "--runs", "2", "--jobs", "0", "--seed", "1"]
+        [
+            sys.executable,
+            "-m",
+            "tutorial.maintenance.soak",
+            "--runs",
+            "2",
+            "--jobs",
+            "0",
+            "--seed",
+            "1",
+        ]
         + ["--out", str(out), "--", str(sample), "-p", "no:cacheprovider"],
         cwd=ROOT,
         capture_output=True,

@@ -13,7 +13,7 @@ import psutil
 from helpers import missing
 
 from tutorial import chapters
-from tutorial.process import free_port, get
+from tutorial.parts.process import free_port, get
 
 ROOT = chapters.ROOT
 
@@ -33,7 +33,7 @@ def descendants_and_postgres(marker: str) -> list[psutil.Process]:
 def make_run(chapter: str, env: dict[str, str]) -> subprocess.Popen:
     """`make run CHAPTER=<chapter>` as the Makefile runs it, its output read line by line."""
     return subprocess.Popen(
-        [sys.executable, "-m", "tutorial.run", chapter],
+        [sys.executable, "-m", "tutorial.learner.run", chapter],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -93,7 +93,7 @@ def test_make_run_refuses_a_busy_port(tmp_path):
         sock.listen(1)
         port = sock.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "tutorial.run", "01"],
+            [sys.executable, "-m", "tutorial.learner.run", "01"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -112,7 +112,7 @@ def test_make_check_names_the_failing_behaviour(tmp_path):
     app = mine / "app.py"
     app.write_text(app.read_text().replace('{"status": "ok"}', '{"status": "fine"}'))
     result = subprocess.run(
-        [sys.executable, "-m", "tutorial.check", "01", str(mine)],
+        [sys.executable, "-m", "tutorial.learner.check", "01", str(mine)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -127,7 +127,13 @@ def test_make_check_names_the_failing_behaviour(tmp_path):
 def test_make_check_passes_on_the_reference_chapter():
     """The reference chapter 01 passes its own check."""
     result = subprocess.run(
-        [sys.executable, "-m", "tutorial.check", "01", str(ROOT / "chapters" / "01-minimal-app")],
+        [
+            sys.executable,
+            "-m",
+            "tutorial.learner.check",
+            "01",
+            str(ROOT / "chapters" / "01-minimal-app"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -146,7 +152,7 @@ def test_make_run_explains_a_database_that_cannot_start(tmp_path):
     env = dict(os.environ, PORT=str(free_port()), TUTORIAL_DATA_DIR=str(tmp_path / "data"))
     env.pop("DATABASE_URL", None)
     result = subprocess.run(
-        [sys.executable, "-m", "tutorial.run", "02"],
+        [sys.executable, "-m", "tutorial.learner.run", "02"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -241,7 +247,7 @@ def test_two_processes_making_the_database_user_at_once_both_succeed():
     if os.geteuid() != 0:
         missing("root", "the database user is made only when the tests run as root")
     name = f"tutorial_probe_{os.getpid()}"
-    code = f"from tutorial.database import ensure_user; ensure_user({name!r})"
+    code = f"from tutorial.parts.database import ensure_user; ensure_user({name!r})"
     racers = [
         subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
         for _ in range(4)

@@ -26,8 +26,11 @@ from pathlib import Path
 
 import psutil
 
-from . import budget, chapters, process, waiting
-from .database import SERVICE_USER, LocalPostgres, ensure_prefix_permissions, execute
+from tutorial import chapters
+from tutorial.parts import process, waiting
+from tutorial.parts.database import SERVICE_USER, LocalPostgres, ensure_prefix_permissions, execute
+
+from . import budget
 
 CHAPTER = "07"
 INSTALL = (

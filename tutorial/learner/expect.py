@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import re
 
-from . import waiting
-from .process import Running, get, listening_ports
+from tutorial.parts import waiting
+from tutorial.parts.process import Running, get, listening_ports
 
 
 def said(status: int, content_type: str | None, body: bytes | str) -> str:

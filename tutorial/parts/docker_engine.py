@@ -3,7 +3,7 @@
 dockerd runs with its own data and exec roots and no networking of its own (--bridge=none, no
 iptables), so nothing it starts can leave loopback: builds use --network=host, containers run with
 --network=none and are probed with `docker exec`. The data root lives in a cache folder, so images
-(the stand-in base of tutorial/standin.py among them) and the dependency layer survive between runs.
+(the stand-in base of standin.py among them) and the dependency layer survive between runs.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tutorial.chapters import ROOT
+
 from . import waiting
-from .chapters import ROOT
 
 CACHE = Path(
     os.environ.get("TUTORIAL_DOCKER_ROOT", Path.home() / ".cache" / "aiohttp-tutorial" / "docker")

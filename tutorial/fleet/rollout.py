@@ -1,7 +1,7 @@
 """`make rollout [SETUP=article]`: a rolling deploy, rehearsed in Kubernetes' order under steady
 load.
 
-It starts a fleet of its own (tutorial/fleet.py), sends a steady rate of requests through HAProxy,
+It starts a fleet of its own (fleet.py), sends a steady rate of requests through HAProxy,
 and replaces every replica with the numbers of chapter 07's manifests (replicas, maxSurge, preStop,
 grace period, probe periods). For each old replica:
 
@@ -33,7 +33,8 @@ import threading
 import time
 from pathlib import Path
 
-from . import chapters
+from tutorial import chapters
+
 from .fleet import Fleet, FleetError, missing_tools, runtime_dir, say
 
 # How long an endpoint removal takes to reach the load balancer. Assumed, not measured: kube-proxy

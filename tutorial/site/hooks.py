@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # MkDocs loads this file by its path, outside any package: make `tutorial` importable from
 # whichever folder mkdocs was started in.
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -453,9 +453,9 @@ SITE_MARKERS = {
 }
 
 
-# -- chapter 07's budget table, from its manifests and configs (tutorial/budget.py) ----------------
+# -- chapter 07's budget table, from its manifests and configs (tutorial/fleet/budget.py) ----------------
 def budget_table(args: list[str], src: str) -> str:
-    from tutorial import budget
+    from tutorial.fleet import budget
 
     return budget.table()
 
@@ -464,7 +464,7 @@ SITE_MARKERS["budget"] = budget_table
 
 
 def rollout_table(args: list[str], src: str) -> str:
-    from tutorial import rollout
+    from tutorial.fleet import rollout
 
     return rollout.side_by_side()
 

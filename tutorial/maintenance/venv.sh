@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make` calls this before anything that needs .venv: tutorial/venv.sh PYTHON EXPLICIT TIER
+# `make` calls this before anything that needs .venv: tutorial/maintenance/venv.sh PYTHON EXPLICIT TIER
 #   PYTHON    the interpreter to build .venv with (the Makefile's PYTHON, default python3)
 #   EXPLICIT  1 when the learner named it (make run PYTHON=python3.12): .venv must then be its
 #   TIER      run: the service and what running a chapter needs (requirements-run.lock)
@@ -7,7 +7,7 @@
 # It refuses an unsupported Python in one line, rebuilds a .venv that a failed install or another
 # Python left behind, and installs a lock with --require-hashes only when the lock has changed.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 python=$1 explicit=$2 tier=$3
 venv=.venv
@@ -15,7 +15,7 @@ case $tier in
   run) lock=requirements-run.lock; need=(3 11) ;;
   # pymdown-extensions (the docs) needs 3.11.5; the service and `make run` need only 3.11.
   dev) lock=requirements-dev.lock; need=(3 11 5) ;;
-  *) echo "tutorial/venv.sh: unknown tier '$tier' (run or dev)" >&2; exit 2 ;;
+  *) echo "tutorial/maintenance/venv.sh: unknown tier '$tier' (run or dev)" >&2; exit 2 ;;
 esac
 need_text=$(IFS=.; echo "${need[*]}")
 supported="Python $need_text or newer is needed (3.11 to 3.13 are tested)"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import psutil
 
+from tutorial.chapters import Chapter
+
 from . import waiting
-from .chapters import Chapter
 
 
 def free_port() -> int:

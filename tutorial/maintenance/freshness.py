@@ -6,7 +6,8 @@ packages, and runs the suite there. Every test that does not pass there runs aga
 asserts that the article's way fails, so an erratum fixed upstream shows up as its test failing.
 The pins are never touched: moving one is a person's decision (MAINTAINING.md).
 
-    python -m tutorial.freshness [--out DIR] [--try aiohttp==3.15.0 ...] [--always] [-- PYTEST ARGS]
+    python -m tutorial.maintenance.freshness [--out DIR] [--try aiohttp==3.15.0 ...] [--always]
+        [-- PYTEST ARGS]
 
 Exit status: 0 when nothing changed, 1 when a verdict changed, 2 when it could not run.
 """
@@ -25,7 +26,7 @@ import venv
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .chapters import ROOT
+from tutorial.chapters import ROOT
 
 WATCHED = ("aiohttp", "asyncpg", "gunicorn", "uvloop")
 LOCK = ROOT / "requirements-dev.lock"
@@ -130,7 +131,7 @@ def main(argv: list[str]) -> int:
     else:
         pytest_args = []
     p = argparse.ArgumentParser(
-        prog="python -m tutorial.freshness", description=__doc__.split("\n")[0]
+        prog="python -m tutorial.maintenance.freshness", description=__doc__.split("\n")[0]
     )
     p.add_argument(
         "--out",

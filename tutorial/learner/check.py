@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from . import chapters
+from tutorial import chapters
 
 # Warnings that one behaviour judges by itself, and that behaviour (its test function's node id).
 JUDGED_APART = {
@@ -258,7 +258,7 @@ def main(argv: list[str]) -> int:
             "-o",
             "addopts=--strict-markers",
             "-p",
-            "tutorial.check",
+            "tutorial.learner.check",
             # The report itself says everything: no pytest summary, and leaks are one behaviour
             # (above).
             "-p",
@@ -267,6 +267,9 @@ def main(argv: list[str]) -> int:
             "no:cacheprovider",
             "-p",
             "no:unraisableexception",
+            # in the order the modules list them, as CI runs them (addopts above is replaced)
+            "-p",
+            "no:randomly",
             *modules,
         ],
         cwd=chapters.ROOT,
@@ -285,7 +288,7 @@ def main(argv: list[str]) -> int:
 
 
 def pytest_configure(config):
-    """Loaded with -p tutorial.check: register the report."""
+    """Loaded with -p tutorial.learner.check: register the report."""
     config.pluginmanager.register(BehaviourReport(), "behaviour-report")
 
 

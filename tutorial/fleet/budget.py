@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from . import chapters
+from tutorial import chapters
 
 FOLDER = chapters.ROOT / "chapters" / "07-beyond-one-machine"
 # The Kubernetes versions the manifests are validated against (the page names them). The native

@@ -5,7 +5,8 @@ so xdist hands the groups to its workers in another order too. A test that fails
 listed with the seeds that made it fail: `make test ARGS='-p randomly -p no:cacheprovider
 --randomly-seed=SEED'` replays that order. The report is written to .data/soak/report.md as well.
 
-    python -m tutorial.soak [--runs N] [--jobs auto] [--seed N] [--out DIR] [-- PYTEST ARGS]
+    python -m tutorial.maintenance.soak [--runs N] [--jobs auto] [--seed N] [--out DIR]
+        [-- PYTEST ARGS]
 
 Exit status: 0 when no test failed in any run, 1 otherwise.
 """
@@ -20,7 +21,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .chapters import ROOT
+from tutorial.chapters import ROOT
+
 from .freshness import verdicts
 
 
@@ -81,7 +83,7 @@ def report(runs: list[tuple[int, int, dict[str, str], float]]) -> tuple[str, boo
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tutorial.soak", description=__doc__.split("\n")[0]
+        prog="python -m tutorial.maintenance.soak", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--jobs", default="auto")

@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import chapters, process
-from .database import DatabaseError, LocalPostgres, execute
+from tutorial import chapters
+from tutorial.parts import process
+from tutorial.parts.database import DatabaseError, LocalPostgres, execute
 
 # TUTORIAL_DATA_DIR moves it, so the tests of `make run` leave a learner's .data/ alone.
 DATA_DIR = Path(os.environ.get("TUTORIAL_DATA_DIR", chapters.ROOT / ".data")) / "postgres"

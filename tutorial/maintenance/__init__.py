@@ -1,0 +1,2 @@
+"""Keeping the repository healthy: the .venv bootstrap (venv.sh), `make freshness` and
+`make soak`."""
