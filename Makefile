@@ -65,7 +65,7 @@ bench:
 
 fleet:
 	$(VENV_DEV)
-	@$(PY) -m tutorial.fleet.fleet
+	@$(PY) -m tutorial.fleet
 
 rollout:
 	$(VENV_DEV)

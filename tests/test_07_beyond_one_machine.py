@@ -25,7 +25,7 @@ import pytest
 from helpers import load_module
 
 from tutorial import chapters
-from tutorial.fleet import budget, rollout
+from tutorial.fleet import budget, haproxy, rollout
 from tutorial.fleet import fleet as fleet_module
 from tutorial.parts import process, waiting
 from tutorial.parts.database import execute
@@ -268,7 +268,7 @@ def test_make_fleet_then_make_rollout_fails_no_request_and_ctrl_c_leaves_nothing
     leaves the load balancer before its SIGTERM and exits within its grace period; PostgreSQL never
     holds more than PgBouncer's pool. Then Ctrl-C on `make fleet` stops everything, the rollout's
     replicas included."""
-    fleet_proc, log, env = launch(["-m", "tutorial.fleet.fleet"], tmp_path, "fleet.log")
+    fleet_proc, log, env = launch(["-m", "tutorial.fleet"], tmp_path, "fleet.log")
     try:
         wait_for_output(log, fleet_proc, "Try:")
         old = {r[0] for r in state_of(tmp_path)["replicas"].values()}
@@ -374,7 +374,7 @@ def test_pgbouncer_stopped_under_load_turns_ready_to_503_and_back_without_restar
     }
     load = rollout.Load(fleet.url, fleet.admin_dsn, rate=100).start()
     time.sleep(1)
-    fleet.stop_pgbouncer()
+    fleet.pgbouncer.stop()
     try:
         for replica in fleet.replicas.values():
             began = time.monotonic()
@@ -383,7 +383,7 @@ def test_pgbouncer_stopped_under_load_turns_ready_to_503_and_back_without_restar
             assert {replica.answers("/users/1") for _ in range(5)} == {503}
             assert replica.answers("/health") == 200
     finally:
-        fleet.start_pgbouncer_again()
+        fleet.pgbouncer.start()
     try:
         for replica in fleet.replicas.values():
             assert fleet.wait_ready(replica, timeout=15) is None
@@ -406,8 +406,8 @@ def test_make_fleet_without_haproxy_says_what_to_install(tmp_path, command):
     """`make fleet` and `make rollout` without haproxy and pgbouncer: one line naming the packages,
     exit 1, and nothing started."""
     code = (
-        f"import sys, tutorial.fleet.fleet as f, tutorial.fleet.{command} as m; "
-        "f.SBIN = ''; sys.exit(m.main([]))"
+        f"import sys, tutorial.fleet.processes as p, tutorial.fleet.{command} as m; "
+        "p.SBIN = ''; sys.exit(m.main([]))"
     )
     env = {
         **os.environ,
@@ -474,13 +474,15 @@ def test_a_deep_runtime_folder_still_gives_haproxy_a_socket_it_takes(fleet_tools
     fleet computes alike, and `haproxy -c` accepts the config."""
     runtime = tmp_path / ("a-rather-deep-folder-" * 5) / "fleet"
     runtime.mkdir(parents=True)
-    fleet = fleet_module.Fleet(runtime, port=process.free_port(), say=lambda _: None)
-    fleet.app_port = process.free_port()
+    balancer = haproxy.HAProxy(
+        runtime, process.free_port(), budget.load().readiness, [f"127.0.0.1:{process.free_port()}"]
+    )
     assert len(str(runtime / "haproxy.sock")) > 97
-    assert len(str(fleet.stats_socket)) <= 97
-    assert fleet.stats_socket == fleet_module.Fleet(runtime, say=lambda _: None).stats_socket
+    assert len(str(balancer.socket)) <= 97
+    assert balancer.socket == haproxy.stats_socket(runtime)
     cfg = runtime / "haproxy.cfg"
-    cfg.write_text(fleet.haproxy_config())
-    haproxy = fleet_module.tool("haproxy")
-    check = subprocess.run([haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True)
+    cfg.write_text(balancer.config())
+    check = subprocess.run(
+        [fleet_module.tool("haproxy"), "-c", "-f", str(cfg)], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stderr

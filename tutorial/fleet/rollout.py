@@ -180,7 +180,7 @@ class Rollout:
                     self.pending.remove(surge)
                     self.fleet.remove(surge.slot)
                 break
-            self.fleet.enable(surge.slot)
+            self.fleet.haproxy.enable(surge.slot)
             with self._lock:
                 self.pending.remove(surge)
             self.mark(surge.name, "ready: in the load balancer")
@@ -197,7 +197,7 @@ class Rollout:
         self.mark(replica.name, "terminating")
 
         def remove():
-            self.fleet.disable(replica.slot)
+            self.fleet.haproxy.disable(replica.slot)
             self.mark(replica.name, "out of the load balancer")
 
         removal = threading.Timer(PROPAGATION, remove)
@@ -227,7 +227,7 @@ class Rollout:
                 surge.kill()
                 self.fleet.remove(surge.slot)
             for old in self.terminating:
-                self.fleet.disable(old.slot)
+                self.fleet.haproxy.disable(old.slot)
                 old.send(signal.SIGTERM)
                 self.fleet.remove(old.slot)
             self.pending, self.terminating = [], []

@@ -51,7 +51,7 @@ class DatabaseError(RuntimeError):
     """The local server could not be set up; the message says why and what to do."""
 
 
-def _as_root() -> bool:
+def as_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -104,7 +104,7 @@ class LocalPostgres:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                user=SERVICE_USER if _as_root() else None,
+                user=SERVICE_USER if as_root() else None,
                 # Ctrl-C in a terminal goes to us; we stop the server in order
                 start_new_session=True,
             )
@@ -160,7 +160,7 @@ class LocalPostgres:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self.socket_dir.chmod(0o777)  # others, such as a container's non-root user, may enter
-        if _as_root():
+        if as_root():
             try:
                 ensure_user()
             except (OSError, subprocess.CalledProcessError) as exc:
@@ -176,7 +176,7 @@ class LocalPostgres:
             ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "share", bits)
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
-        if _as_root():
+        if as_root():
             user = pwd.getpwnam(SERVICE_USER)
             os.chown(self.socket_dir, user.pw_uid, user.pw_gid)
 
@@ -184,7 +184,7 @@ class LocalPostgres:
         if self.data_dir.exists():
             shutil.rmtree(self.data_dir)  # a half-made folder from an interrupted initdb
         self.data_dir.mkdir(parents=True)
-        if _as_root():
+        if as_root():
             user = pwd.getpwnam(SERVICE_USER)
             os.chown(self.data_dir, user.pw_uid, user.pw_gid)
         result = subprocess.run(
@@ -201,7 +201,7 @@ class LocalPostgres:
             ],
             capture_output=True,
             text=True,
-            user=SERVICE_USER if _as_root() else None,
+            user=SERVICE_USER if as_root() else None,
         )
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
