@@ -351,6 +351,11 @@ def test_no_table_on_any_page_scrolls_sideways(browser, site_url, built_site):
 
 
 # -- accessibility ---------------------------------------------------------------------------------
+TRANSPARENT_PICTURES = """() => [...document.querySelectorAll("article img")]
+    .filter(img => getComputedStyle(img).backgroundColor === "rgba(0, 0, 0, 0)")
+    .map(img => img.getAttribute("src"))"""
+
+
 def site_pages(built_site) -> list[str]:
     """Every page of the build, as a path under the site's root: the folders with an index.html,
     and the 404 page."""
@@ -375,7 +380,8 @@ def use_scheme(page, site_url: str, scheme: str) -> None:
 def test_every_page_meets_wcag_2_1_aa_in_axe(browser, site_url, built_site, scheme):
     """axe-core, injected from the file the axe-playwright-python wheel ships (no request), finds
     no WCAG 2.0 or 2.1 A or AA violation on any page at 1280 px, in either colour scheme, with
-    every folded block open. A failure names the page, the rule and the first element."""
+    every folded block open; in the dark scheme every picture has a background of its own. A
+    failure names the page, the rule and the first element."""
     try:
         from axe_playwright_python.sync_playwright import Axe
     except ImportError:
@@ -393,6 +399,12 @@ def test_every_page_meets_wcag_2_1_aa_in_axe(browser, site_url, built_site, sche
             page.wait_for_load_state("load")
             assert page.evaluate("document.body.dataset.mdColorScheme") == scheme, path
             open_folds(page)
+            if scheme == "slate":
+                # axe does not read text inside a picture, and ours are drawn for a white page.
+                found += [
+                    f"/{path} [{scheme}] a picture with no background of its own: {src}"
+                    for src in page.evaluate(TRANSPARENT_PICTURES)
+                ]
             results = axe.run(page, options=options).response
             # The contrast rule ran on this page: the tags matched and axe saw text to judge.
             ran = {rule["id"] for kind in ("violations", "passes") for rule in results[kind]}
@@ -413,5 +425,5 @@ def test_every_page_meets_wcag_2_1_aa_in_axe(browser, site_url, built_site, sche
         version = page.evaluate("axe.version")
     finally:
         use_scheme(page, site_url, "default")  # the other tests look at the light scheme
-    assert found == [], f"axe-core {version}, {len(found)} violations:\n" + "\n".join(found)
+    assert found == [], f"{len(found)} failures (axe-core {version}):\n" + "\n".join(found)
     recorder.assert_clean()
