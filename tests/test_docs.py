@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -226,7 +227,8 @@ def test_included_code_reaches_the_page(built_site, page_of):
             text = text.split(f"--8<-- [start:{section}]\n", 1)[1].split(
                 f"--8<-- [end:{section}]", 1
             )[0]
-            text = text.rsplit("\n", 1)[0]  # the `# ` before the end marker
+            # The `# ` before the end marker goes; snippets dedents a section (mkdocs.yml).
+            text = textwrap.dedent(text.rsplit("\n", 1)[0])
         for line in text.splitlines():
             if line.strip() and "--8<--" not in line:
                 assert line in rendered, (

@@ -25,6 +25,15 @@ CHAPTERS = manifest.load()
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = manifest.ROOT / "test-output" / "chapter-05-graceful-shutdown.png"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+# What the accessibility test holds every page to: WCAG 2.0 and 2.1, levels A and AA.
+WCAG_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
+# mkdocs.yml's two palettes, light and dark, as Material names them on <body>.
+SCHEMES = ["default", "slate"]
+
+
+def open_folds(page) -> None:
+    """Opens every collapsible block (`??? note`), so what is folded is checked too."""
+    page.evaluate("() => document.querySelectorAll('article details').forEach(d => d.open = true)")
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -147,6 +156,10 @@ def test_every_chapter_page_renders_its_code_its_diff_and_the_navigation(browser
         page.goto(f"{site_url}chapters/{chapter.name}/")
         page.wait_for_load_state("load")
         assert page.locator("h1").first.inner_text().startswith(f"{chapter.number} · ")
+        # A folded block opens when a reader clicks its title.
+        folded = page.locator("article details:not([open]) > summary")
+        for _ in range(folded.count()):
+            folded.first.click()
         code = page.locator("article .highlight:not(.language-console):not(.language-diff) code")
         assert code.count() >= 1, chapter.name
         for at in range(code.count()):
@@ -262,6 +275,7 @@ def test_no_code_block_on_a_chapter_page_scrolls_sideways(browser, site_url):
     for chapter in CHAPTERS:
         page.goto(f"{site_url}chapters/{chapter.name}/")
         page.wait_for_load_state("load")
+        open_folds(page)
         blocks = page.evaluate(
             """() => [...document.querySelectorAll("article pre > code")].map(code => ({
             lang: code.closest(".highlight") ? code.closest(".highlight").className : "",
@@ -333,4 +347,83 @@ def test_no_table_on_any_page_scrolls_sideways(browser, site_url, built_site):
         )
     assert len(pages) > 5, pages
     assert wide == [], "\n".join(wide)
+    recorder.assert_clean()
+
+
+# -- accessibility ---------------------------------------------------------------------------------
+TRANSPARENT_PICTURES = """() => [...document.querySelectorAll("article img")]
+    .filter(img => getComputedStyle(img).backgroundColor === "rgba(0, 0, 0, 0)")
+    .map(img => img.getAttribute("src"))"""
+
+
+def site_pages(built_site) -> list[str]:
+    """Every page of the build, as a path under the site's root: the folders with an index.html,
+    and the 404 page."""
+    folders = sorted(
+        html.parent.relative_to(built_site.path) for html in built_site.path.rglob("index.html")
+    )
+    return [f"{folder.as_posix()}/".removeprefix("./") for folder in folders] + ["404.html"]
+
+
+def use_scheme(page, site_url: str, scheme: str) -> None:
+    """Switches the site to a colour scheme with the header's toggle, as a reader does; Material
+    keeps the choice in localStorage for every later page of the site."""
+    page.goto(site_url)
+    page.wait_for_load_state("load")
+    if page.evaluate("document.body.dataset.mdColorScheme") != scheme:
+        page.locator("form[data-md-component=palette] label:visible").click()
+    assert page.evaluate("document.body.dataset.mdColorScheme") == scheme
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_page_meets_wcag_2_1_aa_in_axe(browser, site_url, built_site, scheme):
+    """axe-core, injected from the file the axe-playwright-python wheel ships (no request), finds
+    no WCAG 2.0 or 2.1 A or AA violation on any page at 1280 px, in either colour scheme, with
+    every folded block open; in the dark scheme every picture has a background of its own. A
+    failure names the page, the rule and the first element."""
+    try:
+        from axe_playwright_python.sync_playwright import Axe
+    except ImportError:
+        missing("axe-playwright-python", "pip install -r requirements-dev.txt")
+    page, recorder = browser
+    axe = Axe()
+    options = {"runOnly": {"type": "tag", "values": WCAG_TAGS}, "resultTypes": ["violations"]}
+    pages = site_pages(built_site)
+    assert len(pages) > 20, pages
+    found = []
+    use_scheme(page, site_url, scheme)
+    try:
+        for path in pages:
+            page.goto(site_url + path)
+            page.wait_for_load_state("load")
+            assert page.evaluate("document.body.dataset.mdColorScheme") == scheme, path
+            open_folds(page)
+            if scheme == "slate":
+                # axe does not read text inside a picture, and ours are drawn for a white page.
+                found += [
+                    f"/{path} [{scheme}] a picture with no background of its own: {src}"
+                    for src in page.evaluate(TRANSPARENT_PICTURES)
+                ]
+            results = axe.run(page, options=options).response
+            # The contrast rule ran on this page: the tags matched and axe saw text to judge.
+            ran = {rule["id"] for kind in ("violations", "passes") for rule in results[kind]}
+            assert "color-contrast" in ran, f"{path}: axe did not run color-contrast"
+            for rule in results["violations"]:
+                first = rule["nodes"][0]
+                where = " ".join(map(str, first["target"]))  # its CSS selector (frames apart)
+                # axe's own summary says what is wrong, e.g. the two colours and their ratio.
+                why = re.sub(
+                    r"Fix (any|all) of the following:", "", first.get("failureSummary", "")
+                )
+                why = " ".join(why.split())
+                found.append(
+                    f"/{path} [{scheme}] {rule['id']} ({rule['impact']}), "
+                    f"{len(rule['nodes'])} elements, the first {where}: "
+                    f"{' '.join(first['html'].split())[:160]}\n    {why[:240]}"
+                )
+        version = page.evaluate("axe.version")
+    finally:
+        use_scheme(page, site_url, "default")  # the other tests look at the light scheme
+    assert found == [], f"{len(found)} failures (axe-core {version}):\n" + "\n".join(found)
     recorder.assert_clean()
