@@ -11,6 +11,7 @@ a learner's own folder.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import os
 import shutil
@@ -99,6 +100,23 @@ def reference(chapter):
     """The reference chapter's own app.py, for the numbers its page documents (min_size, the connect
     timeout): a learner's folder is judged against them, never read for them."""
     return load_module(manifest.ROOT / "chapters" / chapter.name / "app.py")
+
+
+# -- a leak fails the test that made it ------------------------------------------------------------
+def pytest_collection_finish(session):
+    # What importing and collecting made lives all session: frozen out of the collections below, a
+    # collection takes about 1 ms instead of 80 (kubernetes-validate's schemas, hypothesis, ...).
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage():
+    """A leaked asyncpg connection, socket or ClientSession fails the test that left it: collected
+    here, in this test's teardown, its finalizer's ResourceWarning or unraisable exception is
+    reported for this test, not for whichever later test the next collection would fall in."""
+    yield
+    gc.collect()
 
 
 # -- the database ----------------------------------------------------------------------------------
