@@ -348,17 +348,18 @@ def last_chapter_in_a_thread(pg, monkeypatch):
     monkeypatch.setenv("DATABASE_URL", pg.dsn(fresh_database(pg, chapter.schema)))
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(module.create_app())
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-    host, port = runner.addresses[0][:2]
     thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     try:
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+        host, port = runner.addresses[0][:2]
+        thread.start()
         yield host, port
     finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.run_until_complete(runner.cleanup())
+        if thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+        loop.run_until_complete(runner.cleanup())  # after a failed setup too: what it opened
         left = asyncio.all_tasks(loop)  # handlers of connections a client left open
         for task in left:
             task.cancel()
