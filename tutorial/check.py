@@ -267,6 +267,10 @@ def main(argv: list[str]) -> int:
             "no:cacheprovider",
             "-p",
             "no:unraisableexception",
+            # The report lists a behaviour's cases in the order they are written, even in a venv
+            # that has pytest-randomly (which would shuffle them).
+            "-p",
+            "no:randomly",
             *modules,
         ],
         cwd=chapters.ROOT,
