@@ -12,6 +12,7 @@ TUTORIAL_CHECK_DIR to run one chapter's tests on a learner's own folder.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import os
 import shutil
@@ -120,6 +121,23 @@ def reference(chapter):
     """The reference chapter's own app.py, for the numbers its page documents (min_size, the connect
     timeout): a learner's folder is judged against them, never read for them."""
     return load_module(manifest.ROOT / "chapters" / chapter.name / "app.py")
+
+
+# -- a leak fails the test that made it ------------------------------------------------------------
+def pytest_collection_finish(session):
+    # What importing and collecting made lives all session: frozen out of the collections below, a
+    # collection takes about 1 ms instead of 80 (kubernetes-validate's schemas, hypothesis, ...).
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage():
+    """A leaked asyncpg connection, socket or ClientSession fails the test that left it: collected
+    here, in this test's teardown, its finalizer's ResourceWarning or unraisable exception is
+    reported for this test, not for whichever later test the next collection would fall in."""
+    yield
+    gc.collect()
 
 
 # -- the database ----------------------------------------------------------------------------------
@@ -365,17 +383,18 @@ def last_chapter_in_a_thread(pg, monkeypatch):
     monkeypatch.setenv("DATABASE_URL", pg.dsn(fresh_database(pg, chapter.schema)))
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(module.create_app())
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-    host, port = runner.addresses[0][:2]
     thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     try:
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+        host, port = runner.addresses[0][:2]
+        thread.start()
         yield host, port
     finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.run_until_complete(runner.cleanup())
+        if thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+        loop.run_until_complete(runner.cleanup())  # after a failed setup too: what it opened
         left = asyncio.all_tasks(loop)  # handlers of connections a client left open
         for task in left:
             task.cancel()

@@ -82,9 +82,14 @@ def fresh_database(server, schema: Path | None) -> str:
 
 
 def connections_to(pg, database: str) -> int:
-    """Sessions open on `database`, as pg_stat_activity counts them."""
+    """Client sessions open on `database`, as pg_stat_activity counts them. An autovacuum worker
+    visiting the database shows there too, for a moment: it is not counted."""
     return int(
-        execute(pg.admin_dsn, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'")
+        execute(
+            pg.admin_dsn,
+            "SELECT count(*) FROM pg_stat_activity "
+            f"WHERE datname = '{database}' AND backend_type = 'client backend'",
+        )
     )
 
 
@@ -101,10 +106,18 @@ class UsersLock:
 
     async def __aenter__(self) -> UsersLock:
         self.conn = await asyncpg.connect(self.dsn)
-        self.watch = await asyncpg.connect(self.dsn)
-        self.tx = self.conn.transaction()
-        await self.tx.start()
-        await self.conn.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        try:
+            self.watch = await asyncpg.connect(self.dsn)
+        except BaseException:
+            await self.conn.close()  # __aexit__ does not run when __aenter__ raises
+            raise
+        try:
+            self.tx = self.conn.transaction()
+            await self.tx.start()
+            await self.conn.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        except BaseException:
+            await self.__aexit__()
+            raise
         self.ours = [self.conn.get_server_pid(), self.watch.get_server_pid()]
         return self
 
@@ -134,7 +147,7 @@ class UsersLock:
         """Sessions in this database other than the test's own: the app's pool connections."""
         return await self.watch.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND pid <> ALL($1)",
+            " AND pid <> ALL($1) AND backend_type = 'client backend'",
             self.ours,
         )
 

@@ -3,6 +3,7 @@
 Each test runs against chapter 02 and every later chapter.
 """
 
+import asyncio
 import linecache
 import re
 import subprocess
@@ -12,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from aiohttp import web
-from helpers import SAMPLE_USER, connections_to, silent_server
+from helpers import SAMPLE_USER, connections_to, silent_server, wait_for_connections
 
 from tutorial.learner.expect import allows_get, as_json, json_answer, last_lines, said, why
 from tutorial.parts.database import execute
@@ -142,13 +143,14 @@ async def test_cleanup_context_opens_min_size_and_closes_the_pool(
     """At startup the pool holds min_size connections; at cleanup it is closed and they are gone."""
     monkeypatch.setenv("DATABASE_URL", db_url)
     client = await aiohttp_client(app_module.create_app())
-    opened, wanted = connections_to(pg, db_name), reference.POOL_MIN_SIZE
+    wanted = reference.POOL_MIN_SIZE
+    opened = await asyncio.to_thread(wait_for_connections, pg, db_name, wanted)
     assert opened == wanted, (
         f"expected {wanted} connections once started (the chapter's min_size={wanted}), "
         f"pg_stat_activity shows {opened}"
     )
     await client.close()
-    left = connections_to(pg, db_name)
+    left = await asyncio.to_thread(wait_for_connections, pg, db_name, 0)
     assert left == 0, (
         f"expected the pool closed at cleanup, {left} of its connections were left open"
     )

@@ -7,7 +7,7 @@ import re
 
 import psutil
 import pytest
-from helpers import connections_to, wait_for_connections, wait_for_lines
+from helpers import wait_for_connections, wait_for_lines
 
 from tutorial.learner.expect import last_lines, serving
 from tutorial.parts.process import get, listening_ports, start
@@ -30,7 +30,7 @@ def test_connections_at_boot_are_workers_times_min_size(chapter, reference, pg, 
             f"expected exit 0 on SIGTERM, got {code}; "
             f"it last printed: {last_lines(running.output())}"
         )
-    left = connections_to(pg, db_name)
+    left = wait_for_connections(pg, db_name, 0)
     assert left == 0, f"expected every pool closed at shutdown, {left} connections were left open"
 
 

@@ -7,12 +7,15 @@ also checked on a broken copy, so a check that could never fail would show here.
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
+import csv
 import dataclasses
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +25,7 @@ import asyncpg
 import kubernetes_validate
 import psutil
 import pytest
-from helpers import load_module
+from helpers import UsersLock, load_module
 
 from tutorial import chapters
 from tutorial.fleet import budget, haproxy, rollout
@@ -181,27 +184,34 @@ async def test_default_statement_cache_fails_through_pgbouncer_in_transaction_mo
 async def test_postgresql_sees_at_most_pgbouncer_pool_however_many_clients(fleet):
     """Five pools of max_size 10 busy at once (50 clients of PgBouncer) hold at most the server pool
     at PostgreSQL."""
-    pools = [
-        await asyncpg.create_pool(
-            fleet.database_url, min_size=10, max_size=10, statement_cache_size=0
-        )
-        for _ in range(5)
-    ]
-    peak = 0
+    pools, seen = [], []
 
     async def busy(pool):
         async with pool.acquire() as conn:
             await conn.execute("SELECT pg_sleep(0.2)")
 
     try:
+        for _ in range(5):
+            pools.append(
+                await asyncpg.create_pool(
+                    fleet.database_url, min_size=10, max_size=10, statement_cache_size=0
+                )
+            )
         for _ in range(3):
             work = asyncio.gather(*(busy(p) for p in pools for _ in range(10)))
-            await asyncio.sleep(0.1)
-            peak = max(peak, await asyncio.to_thread(fleet.postgres_connections))
+
+            async def sample(work=work) -> bool:  # PostgreSQL's count, again and again as they run
+                seen.append(await asyncio.to_thread(fleet.postgres_connections))
+                return work.done()
+
+            await waiting.until_async(
+                sample, timeout=30, every=0.02, waiting_for="the busy queries to end"
+            )
             await work
     finally:
         for pool in pools:
             await pool.close()
+    peak = max(seen)
     assert 0 < peak <= FLEET.server_pool < 50, (
         f"PostgreSQL held {peak} connections; the pool is {FLEET.server_pool}"
     )
@@ -214,15 +224,20 @@ async def test_a_replica_names_itself_in_pg_stat_activity(fleet, monkeypatch):
     app = load_module(budget.FOLDER / "app.py")
     pool = await app.create_pool(fleet.database_url, min_size=1, max_size=1)
     try:
-        query = asyncio.ensure_future(pool.execute("SELECT pg_sleep(1)"))
-        await asyncio.sleep(0.3)
-        active = await asyncio.to_thread(
-            execute,
-            fleet.postgres.dsn(fleet_module.DATABASE),
-            "SELECT application_name FROM pg_stat_activity WHERE state = 'active' "
-            "AND query LIKE 'SELECT pg_sleep%'",
-        )
-        await query
+        # The query waits on a lock the test holds at PostgreSQL, in its transaction, until seen.
+        async with UsersLock(fleet.postgres.dsn(fleet_module.DATABASE)) as lock:
+            query = asyncio.ensure_future(pool.execute("SELECT count(*) FROM users"))
+            try:
+                await lock.wait_for_waiters(1)
+                active = await asyncio.to_thread(
+                    execute,
+                    fleet.postgres.dsn(fleet_module.DATABASE),
+                    "SELECT application_name FROM pg_stat_activity WHERE state = 'active' "
+                    "AND wait_event_type = 'Lock'",
+                )
+            finally:
+                await lock.release()
+                await query
     finally:
         await pool.close()
     assert active.split() == ["users-7f9c4"]
@@ -328,16 +343,96 @@ def wait_for_output(log, proc, needle: str, timeout: float = 90) -> None:
     assert needle in log.read_text(), log.read_text()
 
 
+# Requests sent at once into each old replica's propagation window: HAProxy's round robin gives that
+# replica a few of them, whatever the steady load sends around them.
+BURST = 12
+
+
+def balancer_view(fleet, slot: int) -> tuple[str, int]:
+    """HAProxy's status for a replica's slot, and how many connections it has sent it so far."""
+    rows = csv.DictReader(fleet.haproxy.command("show stat").lstrip("# ").splitlines())
+    [row] = [r for r in rows if r["pxname"] == "replicas" and r["svname"] == f"s{slot}"]
+    return row["status"], int(row["stot"])
+
+
+def accepts(replica) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex((replica.address, replica.port)) == 0
+
+
+def rehearse_with_a_burst_in_each_window(fleet, setup: str) -> tuple[dict, list[dict]]:
+    """A rollout under load that sends a burst of requests through HAProxy into each old replica's
+    propagation window (marked terminating, not yet out of the load balancer) on purpose: as soon
+    as the replica stops accepting connections, else half-way through the window. The report,
+    and what each burst found."""
+
+    def burst_into_the_window(name: str) -> dict:
+        [replica] = [r for r in list(fleet.replicas.values()) if r.name == name]
+        with contextlib.suppress(TimeoutError):  # the chapter's replica serves through its preStop
+            waiting.until(
+                lambda: not accepts(replica),
+                timeout=rollout.PROPAGATION / 2,
+                every=0.01,
+                waiting_for=f"{name} to stop accepting connections",
+            )
+        status_before, sent_before = balancer_view(fleet, replica.slot)
+        kinds = fleet.rollout.load.burst(BURST)
+        status_after, sent_after = balancer_view(fleet, replica.slot)
+        return {
+            "replica": name,
+            "in the load balancer throughout": "MAINT" not in status_before + status_after,
+            "connections HAProxy sent it": sent_after - sent_before,
+            "kinds": kinds,
+        }
+
+    with concurrent.futures.ThreadPoolExecutor() as threads:
+        bursts = []
+
+        def on_event(name: str, event: str) -> None:
+            if event == "terminating":  # not in this thread: it goes on to SIGTERM the replica
+                bursts.append(threads.submit(burst_into_the_window, name))
+
+        report = rollout.rehearse(
+            fleet, setup, baseline=1.5, say=lambda message: None, on_event=on_event
+        )
+    windows = [burst.result() for burst in bursts]
+    print(
+        f"\nsetup {setup}: {report['failed']} of {report['requests']} requests failed; "
+        f"failed in each burst of {BURST}: {[BURST - w['kinds'].count('ok') for w in windows]}"
+    )
+    terminated = {e["replica"] for e in report["events"] if e["event"] == "terminating"}
+    assert len(terminated) == FLEET.replicas and {w["replica"] for w in windows} == terminated
+    for window in windows:  # each burst landed in its window, and HAProxy sent the replica some
+        assert window["in the load balancer throughout"], window
+        assert window["connections HAProxy sent it"] > 0, window
+    return report, windows
+
+
 def test_article_setup_fails_requests_and_counts_them_by_kind(article_fleet):
     """No preStop: SIGTERM lands before the endpoint removal reaches the load balancer, and the
-    connections HAProxy sends meanwhile fail; the report counts them by kind."""
-    report = rollout.rehearse(article_fleet, "article", baseline=1.5, say=lambda message: None)
-    assert report["failed"] > 0, "the article's setup failed no request"
+    connections HAProxy sends the replica meanwhile fail. Requests sent into that window on purpose
+    fail in every window; the report counts them by kind."""
+    report, windows = rehearse_with_a_burst_in_each_window(article_fleet, "article")
+    failed = [[kind for kind in window["kinds"] if kind != "ok"] for window in windows]
+    assert all(failed), f"a burst into a window failed no request: {windows}"
+    assert report["failed"] >= sum(map(len, failed))
     assert sum(report["failed_by_kind"].values()) == report["failed"]
     assert set(report["failed_by_kind"]) == set(rollout.KINDS)
-    for name in {e["replica"] for e in report["events"] if e["event"] == "terminating"}:
-        seen = events_of(report, name)
+    for window in windows:
+        seen = events_of(report, window["replica"])
         assert seen["SIGTERM"] < seen["out of the load balancer"], seen
+
+
+def test_chapter_setup_fails_no_request_sent_into_the_same_windows(fleet):
+    """The same bursts with the chapter's setup: its preStop sleep keeps each old replica serving
+    until it has left the load balancer, so every request HAProxy sends it in the window is
+    answered, and the whole rollout fails none."""
+    report, windows = rehearse_with_a_burst_in_each_window(fleet, "chapter")
+    assert [window["kinds"] for window in windows] == [["ok"] * BURST] * len(windows), windows
+    assert report["failed"] == 0, report["failed_by_kind"]
+    for window in windows:
+        seen = events_of(report, window["replica"])
+        assert seen["out of the load balancer"] < seen["SIGTERM"], seen
 
 
 # -- faults ----------------------------------------------------------------------------------------
@@ -373,18 +468,20 @@ def test_pgbouncer_stopped_under_load_turns_ready_to_503_and_back_without_restar
         for r in fleet.replicas.values()
     }
     load = rollout.Load(fleet.url, fleet.admin_dsn, rate=100).start()
-    time.sleep(1)
-    fleet.pgbouncer.stop()
     try:
-        for replica in fleet.replicas.values():
-            began = time.monotonic()
-            status = replica.answers("/ready", timeout=app["READY_TIMEOUT"] + 3)
-            assert status == 503 and time.monotonic() - began < app["READY_TIMEOUT"] + 1.5
-            assert {replica.answers("/users/1") for _ in range(5)} == {503}
-            assert replica.answers("/health") == 200
-    finally:
-        fleet.pgbouncer.start()
-    try:
+        waiting.until(
+            lambda: load.statuses[200], timeout=20, waiting_for="the load's first answers"
+        )
+        fleet.pgbouncer.stop()
+        try:
+            for replica in fleet.replicas.values():
+                began = time.monotonic()
+                status = replica.answers("/ready", timeout=app["READY_TIMEOUT"] + 3)
+                assert status == 503 and time.monotonic() - began < app["READY_TIMEOUT"] + 1.5
+                assert {replica.answers("/users/1") for _ in range(5)} == {503}
+                assert replica.answers("/health") == 200
+        finally:
+            fleet.pgbouncer.start()
         for replica in fleet.replicas.values():
             assert fleet.wait_ready(replica, timeout=15) is None
             assert {replica.answers("/users/1") for _ in range(5)} == {200}

@@ -8,6 +8,7 @@ test_06_health_checks.py.
 
 import ast
 import asyncio
+import contextlib
 import datetime
 import inspect
 import json
@@ -37,6 +38,7 @@ from helpers import (
     read_until_closed,
     send_request,
     silent_server,
+    wait_for_connections,
     wait_for_lines,
 )
 
@@ -192,60 +194,85 @@ def highest(sample, seconds: float, every: float) -> int:
     return peak
 
 
+@contextlib.contextmanager
+def users_locked(dsn: str):
+    """A lock on users, held by a process of its own until the block ends: every lookup waits for
+    it inside the pool, holding a connection."""
+    locker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import asyncio, asyncpg, sys
+            async def main():
+                conn = await asyncpg.connect({dsn!r})
+                async with conn.transaction():
+                    await conn.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+                    print("locked", flush=True)
+                    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            asyncio.run(main())
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        locker.stdin.close()  # its readline returns: the transaction ends and the lock with it
+        try:
+            locker.wait(10)
+        except subprocess.TimeoutExpired:
+            locker.kill()
+            locker.wait()
+        locker.stdout.close()
+
+
 def test_erratum_06_connections_grow_under_load_and_during_reload(pg):
     """2 workers: 4 connections at boot; blocked queries grow pools past that (never past 2 x 10);
-    a reload (SIGHUP) briefly holds old and new workers' pools at once."""
+    a reload (SIGHUP) under that load opens the new workers' pools while the old workers, still
+    draining, hold theirs: both at once."""
     database = fresh_database(pg, CH03.schema)
     sizes = load_module(CH03.folder / "app.py")
+    boot = 2 * sizes.POOL_MIN_SIZE
+
+    def app_connections() -> int:
+        return connections_to(pg, database) - 1  # not the locker's
+
     port = free_port()
     env = chapter_env(port, pg.dsn(database), WEB_CONCURRENCY="2")
     with Running(CH03.argv, CH03.folder, env, port) as running:
         running.wait_until("/health")
         wait_for_lines(running, "pool ready", 2)
-        assert connections_to(pg, database) == 2 * sizes.POOL_MIN_SIZE
+        assert wait_for_connections(pg, database, boot) == boot
+        url = running.url + "/users/1"
+        lookups = [threading.Thread(target=get, args=(url, 60)) for _ in range(40)]
+        try:
+            with users_locked(pg.dsn(database)):
+                for t in lookups:
+                    t.start()
+                grown = waiting.until(
+                    app_connections,
+                    timeout=20,
+                    done=lambda n: n > boot,
+                    waiting_for="the pools to grow past min_size",
+                )
+                peak = max(grown, highest(app_connections, seconds=2, every=0.1))
+                assert peak <= 2 * sizes.POOL_MAX_SIZE, peak
 
-        # Hold a lock on users so every lookup waits inside the pool, holding a connection.
-        locker = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                textwrap.dedent(f"""
-                import asyncio, asyncpg, sys
-                async def main():
-                    conn = await asyncpg.connect({pg.dsn(database)!r})
-                    async with conn.transaction():
-                        await conn.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-                        print("locked", flush=True)
-                        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-                asyncio.run(main())
-            """),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert locker.stdout.readline().strip() == "locked"
-        threads = [
-            threading.Thread(target=get, args=(running.url + "/users/1", 30)) for _ in range(40)
-        ]
-        for t in threads:
-            t.start()
-        peak = highest(
-            lambda: connections_to(pg, database) - 1, seconds=5, every=0.1
-        )  # minus the locker
-        locker.stdin.write("\n")
-        locker.stdin.close()
-        locker.wait(10)
-        locker.stdout.close()
-        for t in threads:
-            t.join()
-        assert 2 * sizes.POOL_MIN_SIZE < peak <= 2 * sizes.POOL_MAX_SIZE
-
-        # A reload starts new workers (new pools) before the old ones finish closing theirs.
-        assert get(running.url + "/users/1")[0] == 200
-        os.kill(running.pid, signal.SIGHUP)
-        peak = highest(lambda: connections_to(pg, database), seconds=6, every=0.02)
-        assert peak > 2 * sizes.POOL_MIN_SIZE
+                # Every connection of the old pools is held by a blocked lookup, so the old
+                # workers drain with their pools open: the new workers' pools come on top.
+                held = app_connections()
+                os.kill(running.pid, signal.SIGHUP)
+                wait_for_lines(running, "pool ready", 4, why=" (2 old workers, 2 new)")
+                during = app_connections()
+                assert during >= held + boot, f"{held} held before the reload, {during} during it"
+        finally:
+            for t in lookups:
+                if t.ident is not None:
+                    t.join()
         assert running.terminate() == 0
 
 
@@ -403,8 +430,13 @@ def test_erratum_02_shell_form_pid1_ignores_sigterm(pg):
             init.cmdline()
         )  # sh forked Gunicorn, it did not exec
         init.send_signal(signal.SIGTERM)
-        time.sleep(3)  # the exec form is gone well within this
-        assert running.proc.poll() is None and init.is_running()
+        with pytest.raises(TimeoutError):  # the exec form is gone well within this
+            waiting.until(
+                lambda: running.proc.poll() is not None,
+                timeout=3,
+                waiting_for="the shell-form PID 1 to exit on SIGTERM",
+            )
+        assert init.is_running()
         assert get(running.url + "/health")[0] == 200
         init.kill()  # what `docker stop` does when its timeout runs out
         code = running.proc.wait(timeout=10)
@@ -500,11 +532,15 @@ def test_erratum_10_control_socket_logs_an_error_in_a_read_only_home_less_contai
     ]
     try:
         in_parallel(lambda c: c.wait_until("/health"), containers)
-        time.sleep(1)  # the control socket starts in a thread of its own; give it time to fail
-        ours, theirs = (c.logs() for c in containers)
-        control = [line for line in error_lines(theirs) if "Control server error" in line]
+        # The control socket starts in a thread of its own: its ERROR comes a moment after boot.
+        control = waiting.until(
+            lambda: [e for e in error_lines(containers[1].logs()) if "Control server error" in e],
+            timeout=20,
+            waiting_for="the article's Gunicorn to log its control socket's ERROR",
+            seen=lambda _: containers[1].logs(),
+        )
         print(f"\nerratum 10, control socket on: {control[:1]}")
-        assert control, theirs
+        ours = containers[0].logs()  # booted alongside: it would have failed by now too
         assert error_lines(ours) == [], ours
         assert all(code == 0 for _, code in in_parallel(lambda c: c.stop(), containers))
     finally:
@@ -538,7 +574,14 @@ def test_erratum_10_control_socket_without_a_usable_home(disabled, tmp_path):
     ]
     with Running(argv, CH01.folder, env, port) as running:
         running.wait_until("/health")
-        time.sleep(1)  # the control socket starts in a thread of its own
+        # The control socket starts in a thread of its own: its ERROR comes a moment after boot.
+        if disabled:  # nothing to wait for: give the thread it would have started a second
+            with pytest.raises(TimeoutError):
+                waiting.until(
+                    lambda: error_lines(running.output()), timeout=1, waiting_for="an ERROR line"
+                )
+        else:
+            wait_for_lines(running, "Control server error", 1)
         assert running.terminate() == 0
         output = running.output()
     errors = error_lines(output)
@@ -686,11 +729,16 @@ async def test_erratum_09_aiohttp_runner_tears_down_only_if_cleanup_is_called(pg
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(failing_ctx)
     runner = web.AppRunner(app)
-    with pytest.raises(ConnectionRefusedError):
-        await runner.setup()
-    assert connections_to(pg, database) == 2 and not closed  # left open by the failed startup
-    await runner.cleanup()
-    assert closed and connections_to(pg, database) == 0
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            await runner.setup()
+        # left open by the failed startup
+        assert await asyncio.to_thread(wait_for_connections, pg, database, 2) == 2 and not closed
+        await runner.cleanup()
+        assert closed and await asyncio.to_thread(wait_for_connections, pg, database, 0) == 0
+    finally:
+        if not closed:  # whatever failed above, the pool goes; a second cleanup() closes nothing
+            await runner.cleanup()
 
 
 async def test_erratum_09_our_pool_comes_first_so_nothing_is_left_open(app_module_05, monkeypatch):
@@ -699,10 +747,13 @@ async def test_erratum_09_our_pool_comes_first_so_nothing_is_left_open(app_modul
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
     app = app_module_05.create_app()
     runner = web.AppRunner(app)
-    with pytest.raises(SystemExit) as stopped:
-        await runner.setup()
-    assert stopped.value.code == app_module_05.EXIT_NO_DATABASE
-    assert app.get(app_module_05.http_session) is None  # no session was ever opened, so none leaks
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            await runner.setup()
+        assert stopped.value.code == app_module_05.EXIT_NO_DATABASE
+        assert app.get(app_module_05.http_session) is None  # no session was opened: none leaks
+    finally:
+        await runner.cleanup()  # tears down whatever a wrong order did open
 
 
 @pytest.fixture
@@ -732,12 +783,13 @@ async def test_erratum_11_asyncpg_waits_60_s_for_a_silent_database_unless_told(a
     limit = app_module_05.CONNECT_TIMEOUT
     with silent_server() as port:
         dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        waiting = asyncio.ensure_future(asyncpg.connect(dsn))
-        done, _ = await asyncio.wait({waiting}, timeout=limit + 1)
-        assert not done  # the article's pool would still be booting
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
+        connecting = asyncio.ensure_future(asyncpg.connect(dsn))
+        try:
+            done, _ = await asyncio.wait({connecting}, timeout=limit + 1)
+            assert not done  # the article's pool would still be booting
+        finally:
+            connecting.cancel()
+            await asyncio.wait({connecting})  # ended, whatever the assert found
         with pytest.raises(asyncio.TimeoutError):
             await asyncpg.connect(dsn, timeout=0.5)
 

@@ -7,12 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 from helpers import missing
 
 from tutorial import chapters
+from tutorial.parts import waiting
 from tutorial.parts.process import free_port, get
 
 ROOT = chapters.ROOT
@@ -71,8 +71,13 @@ def test_make_run_serves_and_leaves_no_process_behind(tmp_path):
         run.stdout.close()
     assert f"curl -i http://localhost:{port}/users/1" in rest  # the URLs to try follow "serving on"
     assert "PostgreSQL stopped" in rest
-    time.sleep(0.2)
-    assert descendants_and_postgres(str(tmp_path)) == []
+    left = waiting.until(
+        lambda: descendants_and_postgres(str(tmp_path)),
+        timeout=10,
+        done=lambda found: found == [],
+        waiting_for="every process make run started to be gone",
+    )
+    assert left == []
     assert get_fails(f"http://127.0.0.1:{port}/health")
 
 

@@ -63,6 +63,7 @@ class Load:
         self.pg: list[tuple[float, int]] = []
         self.statuses: collections.Counter = collections.Counter()  # HTTP statuses that came back
         self._stop = threading.Event()
+        self._running = threading.Event()  # the loop and session burst() sends on are up
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     def now(self) -> float:
@@ -82,6 +83,11 @@ class Load:
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
         connector = aiohttp.TCPConnector(force_close=True, limit=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            # aiohttp sends a GET again, once, when the connection closes before an answer (its own
+            # test client turns that off too): a request here is one attempt, as HAProxy saw it.
+            session._retry_connection = False
+            self._loop, self._session = asyncio.get_running_loop(), session
+            self._running.set()
             sampler = asyncio.create_task(self._sample())
             tasks = set()
             tick = time.monotonic()
@@ -96,7 +102,17 @@ class Load:
                 await asyncio.wait(tasks)
             sampler.cancel()
 
-    async def _one(self, session) -> None:
+    def burst(self, count: int) -> list[str]:
+        """`count` requests at once, from another thread, counted with the others; their kinds."""
+        self._running.wait(REQUEST_TIMEOUT)
+
+        async def at_once() -> list[str]:
+            return await asyncio.gather(*(self._one(self._session) for _ in range(count)))
+
+        sent = asyncio.run_coroutine_threadsafe(at_once(), self._loop)
+        return sent.result(REQUEST_TIMEOUT + 5)
+
+    async def _one(self, session) -> str:
         import aiohttp
 
         began = time.monotonic()
@@ -116,6 +132,7 @@ class Load:
         except aiohttp.ClientError:
             kind = "other"
         self.results.append((round(began - self.started, 4), time.monotonic() - began, kind))
+        return kind
 
     async def _sample(self) -> None:
         import asyncpg
@@ -143,9 +160,11 @@ class Rollout:
         progress_deadline: float | None = None,
         surge_env: dict | None = None,
         say=say,
+        on_event=None,
     ):
         n = fleet.numbers
         self.fleet, self.load, self.setup, self.say = fleet, load, setup, say
+        self.on_event = on_event  # called with (replica name, event) as each one happens
         self.prestop = n.prestop if setup == "chapter" else ARTICLE["prestop"]
         self.grace = n.grace if setup == "chapter" else ARTICLE["grace"]
         self.progress_deadline = progress_deadline or n.progress_deadline
@@ -163,6 +182,8 @@ class Rollout:
         with self._lock:
             self.events.append({"t": at, "replica": name, "event": event})
         self.say(f"{at:6.1f}s  {name}: {event}")
+        if self.on_event:
+            self.on_event(name, event)
 
     def run(self) -> None:
         threads = []
@@ -352,11 +373,19 @@ def rehearse(
     surge_env: dict | None = None,
     baseline: float = BASELINE,
     say=say,
+    on_event=None,
 ) -> dict:
-    """One rollout on a running fleet, under load; returns the report."""
+    """One rollout on a running fleet, under load; returns the report. `on_event(name, event)` is
+    called as each replica event happens, in the thread it happens in."""
     load = Load(fleet.url, fleet.admin_dsn, rate).start()
     rollout = Rollout(
-        fleet, load, setup, progress_deadline=progress_deadline, surge_env=surge_env, say=say
+        fleet,
+        load,
+        setup,
+        progress_deadline=progress_deadline,
+        surge_env=surge_env,
+        say=say,
+        on_event=on_event,
     )
     fleet.rollout = rollout  # for an interrupted run to find
     try:
