@@ -49,12 +49,25 @@ def missing(what: str, how: str) -> None:
 
 
 def load_module(path: Path, name: str | None = None) -> ModuleType:
-    """Import a chapter's file under a unique name, so chapters never see each other's modules."""
+    """Import a chapter's file under a unique name, so chapters never see each other's modules.
+
+    A chapter split into modules (08 on: `from database import ...`) imports its siblings from its
+    own folder, as Gunicorn does from its working directory; they leave sys.modules again
+    afterwards, so the next chapter's `database` is its own."""
     name = name or f"chapter_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}_{path.stem}"
+    siblings = {p.stem for p in path.parent.glob("*.py")} - {path.stem}
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    for sibling in siblings:
+        sys.modules.pop(sibling, None)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+        for sibling in siblings:
+            sys.modules.pop(sibling, None)
     return module
 
 
