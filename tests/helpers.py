@@ -265,3 +265,27 @@ def start_fleet(runtime: Path, **options):
         return started.start()
     except (fleet.FleetError, DatabaseError) as exc:
         pytest.fail(f"the fleet could not start: {exc}", pytrace=False)
+
+
+# -- chapter 08: a role with a password, and a database it may read --------------------------------
+def role_with_database(server, schema: Path | None, role: str, password: str) -> str:
+    """A fresh database on `server` (with the chapter's schema) that `role`, made here with
+    `password`, may read; its name."""
+    execute(
+        server.admin_dsn,
+        f"DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;"
+        f"ALTER ROLE {role} PASSWORD '{password}'",
+    )
+    name = fresh_database(server, schema)
+    execute(server.dsn(name), f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    return name
+
+
+def session_encryption(server, role: str) -> list[tuple[bool, str]]:
+    """(ssl, version) of every session `role` holds, as the server reports it in pg_stat_ssl."""
+    rows = execute(
+        server.admin_dsn,
+        "SELECT s.ssl, coalesce(s.version, '') FROM pg_stat_ssl s "
+        f"JOIN pg_stat_activity a USING (pid) WHERE a.usename = '{role}'",
+    )
+    return [(ssl == "t", version) for ssl, version in (line.split("|") for line in rows.split())]
