@@ -34,18 +34,18 @@ ROLE, PASSWORD = "app", "app-password"
 REFUSAL = "refusing to start"
 
 
-def start(chapter, url: str | None, **env: str) -> process.Running:
-    """The chapter's own command, one worker, with `url` as DATABASE_URL (None: not set)."""
-    running = process.start(chapter, database_url=url, WEB_CONCURRENCY="1", **env)
+def start(chapter, url: str | None, workers: int = 1, **env: str) -> process.Running:
+    """The chapter's own command with `url` as DATABASE_URL (None: not set)."""
+    running = process.start(chapter, database_url=url, WEB_CONCURRENCY=str(workers), **env)
     if url is None:
         running.env.pop("DATABASE_URL", None)
     return running
 
 
 def refusal_of(chapter, url: str | None, **env: str) -> str:
-    """Start the chapter and expect it to refuse: exit 3 within the connect timeout, no traceback,
-    one distinct line saying why. That line."""
-    with start(chapter, url, **env) as running:
+    """Start the chapter with two workers and expect it to refuse before either boots: exit 3
+    within the connect timeout, no traceback, one line saying why. That line."""
+    with start(chapter, url, workers=2, **env) as running:
         try:
             code = running.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -53,10 +53,10 @@ def refusal_of(chapter, url: str | None, **env: str) -> str:
                 f"expected a refusal, it kept running: {running.output()}"
             ) from None
         output = running.output()
-    lines = {line.split("] ", 3)[-1] for line in output.splitlines() if REFUSAL in line}
+    lines = [line.split("] ", 3)[-1] for line in output.splitlines() if REFUSAL in line]
     assert code == 3 and "Traceback" not in output, f"exit {code}:\n{output}"
-    assert len(lines) == 1, output
-    return lines.pop()
+    assert len(lines) == 1 and "Booting worker" not in output, output
+    return lines[0]
 
 
 def served(chapter, url: str, **env: str):

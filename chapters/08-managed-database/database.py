@@ -223,6 +223,31 @@ def check_settings() -> None:
         read_secret("DATABASE_PASSWORD_FILE")
 
 
+async def check_tls() -> None:
+    """One connection to a database off this machine, to see that its
+    certificate passes: a ConfigError if it does not. Any other failure
+    is left to the workers (an outage: live, not ready)."""
+    dsn, tls = connect_options(database_url())
+    parts = urlsplit(dsn)
+    query = dict(parse_qsl(parts.query))
+    if all(is_local(host) for host in hosts_of(parts, query)):
+        return
+    password = password_source(dsn)
+    try:
+        conn = await asyncpg.connect(
+            dsn,
+            password=password,
+            timeout=CONNECT_TIMEOUT,
+            statement_cache_size=0,
+            **tls,
+        )
+    except DB_STARTUP_ERRORS as exc:
+        if is_tls_refusal(exc):
+            raise ConfigError(f"TLS to the database failed: {exc}") from None
+        return
+    await conn.close()
+
+
 async def encryption(pool: asyncpg.Pool) -> str:
     """What the server says of this session, for the boot line."""
     row = await pool.fetchrow(

@@ -89,12 +89,16 @@ logconfig_dict = {
 # --8<-- [start:preflight]
 def on_starting(server):
     """Judge the database settings once, before any worker: a URL that
-    would connect without a checked certificate, or a secret file that is
-    missing or empty, stops the service with one line and exit code 3."""
+    would connect without a checked certificate, a certificate that fails
+    the check, or a secret file missing or empty stops the service with
+    one line and exit code 3 (each worker would say it again otherwise)."""
+    import asyncio
+
     import database
 
     try:
         database.check_settings()
+        asyncio.run(database.check_tls())
     except (database.ConfigError, database.SecretUnreadable) as exc:
         server.log.critical("refusing to start: %s", exc)
         raise SystemExit(database.EXIT_NO_DATABASE) from None
