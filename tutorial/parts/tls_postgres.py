@@ -216,24 +216,3 @@ class TLSPostgres:
         except TimeoutError as exc:
             self.stop()
             raise DatabaseError(str(exc)) from None
-
-
-def execute(server: TLSPostgres, sql: str, database: str = "postgres") -> str:
-    """psql from the same Debian package, over the unix socket as the superuser."""
-    result = subprocess.run(
-        [str(bin_dir() / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"],
-        input=sql,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            **os.environ,
-            "PGHOST": str(server.socket_dir),
-            "PGPORT": str(server.port),
-            "PGUSER": "postgres",
-            "PGDATABASE": database,
-        },
-    )
-    if result.returncode != 0:
-        raise DatabaseError(f"psql failed: {result.stderr.strip()}")
-    return result.stdout
