@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -518,3 +519,67 @@ def test_checkov_finds_nothing_but_what_each_chapter_accepts(scanned):
 
 def test_checkov_catches_the_secret_back_in_an_environment_variable(scanned):
     assert "CKV_K8S_35" in scanned["broken"], scanned["broken"]
+
+
+# -- the fleet: make fleet CHAPTER=08, then make rollout CHAPTER=08 --------------------------------
+def test_make_fleet_and_make_rollout_run_chapter_08_with_tls_on_every_leg(fleet_tools, tmp_path):
+    """`make fleet CHAPTER=08`: Debian's PostgreSQL with TLS, PgBouncer verifying it, replicas
+    verifying PgBouncer with the password from a file; pg_stat_ssl shows PgBouncer's sessions
+    encrypted. `make rollout CHAPTER=08` in a second terminal takes it over and replaces every
+    replica with no failed request; Ctrl-C then stops all of it."""
+    from tutorial.parts import tls_postgres
+
+    if tls_postgres.missing():
+        pytest.skip(tls_postgres.missing())
+    env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
+    log = tmp_path / "fleet.log"
+    with open(log, "w") as out:
+        fleet = subprocess.Popen(
+            [sys.executable, "-m", "tutorial.fleet", "08"],
+            cwd=chapters.ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        waiting.until(
+            lambda: "Try:" in log.read_text() or fleet.poll() is not None,
+            timeout=120,
+            waiting_for="make fleet CHAPTER=08 to serve",
+        )
+        assert "3 replicas of chapter 08" in log.read_text(), log.read_text()
+        state = json.loads((tmp_path / "fleet" / "fleet.json").read_text())
+        assert state["chapter"] == "08"
+        for name, _ in state["replicas"].values():
+            replica_log = (tmp_path / "fleet" / f"{name}.log").read_text()
+            assert re.search(r"pool ready \(.*TLS TLSv1\.[23]\)", replica_log), replica_log
+        sessions = execute(
+            f"postgresql://postgres@/users?host={state['postgres_socket']}"
+            f"&port={state['postgres_port']}",
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) "
+            "WHERE a.usename = 'users'",
+        ).split()
+        assert sessions and set(sessions) == {"t"}, sessions
+        result = subprocess.run(
+            [sys.executable, "-m", "tutorial.fleet.rollout", "--chapter", "08"]
+            + ["--rate", "100", "--out", str(tmp_path / "out")],
+            cwd=chapters.ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=150,
+            check=False,
+        )
+        last = result.stdout.strip().splitlines()[-1]
+        assert result.returncode == 0 and "taking over" in result.stdout, result.stdout
+        assert re.match(r"rollout: \d+ requests, 0 failed", last), last
+        os.killpg(fleet.pid, signal.SIGINT)
+        fleet.wait(60)
+    finally:
+        if fleet.poll() is None:
+            os.killpg(fleet.pid, signal.SIGKILL)
+            fleet.wait()
+    assert "fleet stopped" in log.read_text()
+    left = [p for p in (state["postgres_port"], state["pgbouncer_port"], state["port"])]
+    assert not [port for port in left if process.port_in_use(port)], log.read_text()
