@@ -581,5 +581,5 @@ def test_make_fleet_and_make_rollout_run_chapter_08_with_tls_on_every_leg(fleet_
             os.killpg(fleet.pid, signal.SIGKILL)
             fleet.wait()
     assert "fleet stopped" in log.read_text()
-    left = [p for p in (state["postgres_port"], state["pgbouncer_port"], state["port"])]
+    left = (state["postgres_port"], state["pgbouncer_port"], state["port"])
     assert not [port for port in left if process.port_in_use(port)], log.read_text()
