@@ -95,7 +95,7 @@ def database_url() -> str:
     return os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
 
 
-def password_source(url: str):
+def password_source():
     """What asyncpg calls for each new connection's password, if a file
     holds it: DATABASE_PASSWORD_FILE, else the URL in DATABASE_URL_FILE.
     None: the password in DATABASE_URL, if any, as it was at boot."""
@@ -202,7 +202,7 @@ def create_pool(dsn: str, **options) -> asyncpg.Pool:
     """asyncpg.create_pool, with this replica's name and statement cache,
     and the password read from its file for every new connection."""
     dsn, tls = connect_options(dsn)
-    password = password_source(dsn)
+    password = password_source()
     if password is not None:
         options["password"] = password
     return asyncpg.create_pool(
@@ -232,7 +232,7 @@ async def check_tls() -> None:
     query = dict(parse_qsl(parts.query))
     if all(is_local(host) for host in hosts_of(parts, query)):
         return
-    password = password_source(dsn)
+    password = password_source()
     try:
         conn = await asyncpg.connect(
             dsn,
