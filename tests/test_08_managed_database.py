@@ -23,7 +23,7 @@ import asyncpg
 import kubernetes_validate
 import pytest
 import yaml
-from helpers import role_with_database, session_encryption, wait_for_lines
+from helpers import missing, role_with_database, session_encryption, wait_for_lines
 
 from tutorial import chapters
 from tutorial.fleet import budget
@@ -326,7 +326,7 @@ def tls_pgbouncer(tls_pg, certificates, tls_db, tmp_path):
     """Debian's PgBouncer: TLS from the chapter (client_tls_*, the same certificate for this
     machine's name) and verify-full to PostgreSQL, the settings chapter 08's ConfigMap names."""
     if not tool("pgbouncer"):
-        pytest.skip("pgbouncer is not installed: apt-get install pgbouncer")
+        missing("pgbouncer", "apt-get install pgbouncer")
     port = process.free_port()
     folder = tmp_path / "pgbouncer"
     folder.mkdir()
@@ -530,7 +530,7 @@ def test_make_fleet_and_make_rollout_run_chapter_08_with_tls_on_every_leg(fleet_
     from tutorial.parts import tls_postgres
 
     if tls_postgres.missing():
-        pytest.skip(tls_postgres.missing())
+        missing("Debian's PostgreSQL (package postgresql)", tls_postgres.missing())
     env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
     log = tmp_path / "fleet.log"
     with open(log, "w") as out:
