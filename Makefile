@@ -32,8 +32,8 @@ help:
 	@echo "make check CHAPTER=NN DIR=path        run chapter NN's tests against your own folder"
 	@echo "make docs                             serve the tutorial site on http://localhost:8000"
 	@echo "make bench                            measure the service (see bench/README.md)"
-	@echo "make fleet  [PORT=8080]               chapter 07 as a fleet: PostgreSQL, PgBouncer, replicas, HAProxy"
-	@echo "make rollout [SETUP=article]          a rolling deploy under load: of a running make fleet, or of its own"
+	@echo "make fleet  [CHAPTER=07] [PORT=8080]  a chapter from 07 on as a fleet: PostgreSQL, PgBouncer, replicas, HAProxy"
+	@echo "make rollout [SETUP=article] [CHAPTER=07]  a rolling deploy under load: of a running make fleet, or of its own"
 	@echo "make lint                             ruff check and ruff format --check on the whole tree"
 	@echo "make pins [UPGRADE=1]                 rewrite the hashed locks from requirements*.txt"
 	@echo "make freshness                        the suite against the newest aiohttp, asyncpg, gunicorn, uvloop"
@@ -65,11 +65,11 @@ bench:
 
 fleet:
 	$(VENV_DEV)
-	@$(PY) -m tutorial.fleet
+	@$(PY) -m tutorial.fleet $(CHAPTER)
 
 rollout:
 	$(VENV_DEV)
-	@$(PY) -m tutorial.fleet.rollout $(if $(SETUP),--setup $(SETUP))
+	@$(PY) -m tutorial.fleet.rollout $(if $(SETUP),--setup $(SETUP)) $(if $(CHAPTER),--chapter $(CHAPTER))
 
 lint:
 	$(VENV_DEV)

@@ -434,3 +434,113 @@ def article_fleet(fleet_tools, tmp_path):
     yield started
     started.stop()
     assert started.still_listening() == [], "replicas left running after the fleet stopped"
+
+
+# -- chapter 08: Debian's PostgreSQL with TLS, and a CA made here (tutorial/parts/tls_postgres.py) -
+@dataclasses.dataclass(frozen=True)
+class Certificates:
+    """A CA made for the session and what it signed. `host` is this machine's own name: it resolves
+    here, yet it is no loopback literal, so the chapter treats it as a provider's endpoint."""
+
+    folder: Path
+    host: str
+    ca: Path  # signed the servers' certificates
+    other_ca: Path  # signed nothing any server shows
+    cert: Path
+    key: Path
+    other_host_cert: Path  # the same CA, for a name that is not `host`
+    other_host_key: Path
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory) -> Certificates:
+    import socket
+
+    import trustme
+
+    host = socket.gethostname()
+    try:
+        socket.getaddrinfo(host, None, socket.AF_INET)
+    except OSError:
+        missing("a host name that resolves", f"this machine's name {host!r} does not resolve")
+    folder = tmp_path_factory.mktemp("tls")
+    ca, other = trustme.CA(), trustme.CA()
+    paths = {}
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    other.cert_pem.write_to_path(str(folder / "other-ca.pem"))
+    for name, issued in (
+        ("server", ca.issue_cert(host)),
+        ("other-host", ca.issue_cert("db.example.com")),
+    ):
+        issued.cert_chain_pems[0].write_to_path(str(folder / f"{name}.crt"))
+        issued.private_key_pem.write_to_path(str(folder / f"{name}.key"))
+        paths[name] = (folder / f"{name}.crt", folder / f"{name}.key")
+    for path in folder.iterdir():  # the servers run as another user, and copy what they need
+        path.chmod(0o644)
+    return Certificates(
+        folder,
+        host,
+        folder / "ca.pem",
+        folder / "other-ca.pem",
+        *paths["server"],
+        *paths["other-host"],
+    )
+
+
+def debian_postgres(folder: Path, certificates: Certificates | None, **options):
+    """A started TLSPostgres listening where this machine's name resolves; skips without the
+    package."""
+    import socket
+
+    from tutorial.parts import tls_postgres
+
+    why = tls_postgres.missing()
+    if why:
+        missing("Debian's PostgreSQL (package postgresql)", why)
+    listen = {"127.0.0.1"}
+    if certificates is not None:
+        listen |= {
+            info[4][0] for info in socket.getaddrinfo(certificates.host, None, socket.AF_INET)
+        }
+    server = tls_postgres.TLSPostgres(folder, listen=tuple(sorted(listen)), **options)
+    try:
+        server.start()
+    except DatabaseError as exc:
+        server.stop()
+        pytest.fail(f"Debian's PostgreSQL could not start: {exc}", pytrace=False)
+    return server
+
+
+@pytest.fixture(scope="session")
+def tls_pg(certificates, tmp_path_factory):
+    """Debian's PostgreSQL with TLS on, its certificate for this machine's name from the session's
+    CA; one for the session."""
+    server = debian_postgres(
+        tmp_path_factory.mktemp("pg-tls"),
+        certificates,
+        cert=certificates.cert,
+        key=certificates.key,
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def plain_pg(certificates, tmp_path_factory):
+    """Debian's PostgreSQL with ssl=off: a server that lets plaintext through."""
+    server = debian_postgres(tmp_path_factory.mktemp("pg-plain"), certificates)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def other_host_pg(certificates, tmp_path):
+    """Debian's PostgreSQL whose certificate, from the session's CA, names db.example.com."""
+    server = debian_postgres(
+        tmp_path / "pg",
+        certificates,
+        cert=certificates.other_host_cert,
+        key=certificates.other_host_key,
+    )
+    yield server
+    server.stop()

@@ -49,12 +49,25 @@ def missing(what: str, how: str) -> None:
 
 
 def load_module(path: Path, name: str | None = None) -> ModuleType:
-    """Import a chapter's file under a unique name, so chapters never see each other's modules."""
+    """Import a chapter's file under a unique name, so chapters never see each other's modules.
+
+    A chapter split into modules (08 on: `from database import ...`) imports its siblings from its
+    own folder, as Gunicorn does from its working directory; they leave sys.modules again
+    afterwards, so the next chapter's `database` is its own."""
     name = name or f"chapter_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}_{path.stem}"
+    siblings = {p.stem for p in path.parent.glob("*.py")} - {path.stem}
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    for sibling in siblings:
+        sys.modules.pop(sibling, None)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+        for sibling in siblings:
+            sys.modules.pop(sibling, None)
     return module
 
 
@@ -265,3 +278,27 @@ def start_fleet(runtime: Path, **options):
         return started.start()
     except (fleet.FleetError, DatabaseError) as exc:
         pytest.fail(f"the fleet could not start: {exc}", pytrace=False)
+
+
+# -- chapter 08: a role with a password, and a database it may read --------------------------------
+def role_with_database(server, schema: Path | None, role: str, password: str) -> str:
+    """A fresh database on `server` (with the chapter's schema) that `role`, made here with
+    `password`, may read; its name."""
+    execute(
+        server.admin_dsn,
+        f"DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;"
+        f"ALTER ROLE {role} PASSWORD '{password}'",
+    )
+    name = fresh_database(server, schema)
+    execute(server.dsn(name), f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    return name
+
+
+def session_encryption(server, role: str) -> list[tuple[bool, str]]:
+    """(ssl, version) of every session `role` holds, as the server reports it in pg_stat_ssl."""
+    rows = execute(
+        server.admin_dsn,
+        "SELECT s.ssl, coalesce(s.version, '') FROM pg_stat_ssl s "
+        f"JOIN pg_stat_activity a USING (pid) WHERE a.usename = '{role}'",
+    )
+    return [(ssl == "t", version) for ssl, version in (line.split("|") for line in rows.split())]

@@ -2,8 +2,8 @@
 failing the way the erratum says, and shows our chapter's way working.
 
 Errata 1, 3, 4, 6, 7 and 8 come first; then the containers (2, 10), shutdown and startup (5, 9, 11),
-logs (13). Erratum 11 is also covered where each chapter boots: tests/test_02_database_pool.py and
-test_06_health_checks.py.
+logs (13), TLS to a managed database (14). Erratum 11 is also covered where each chapter boots:
+tests/test_02_database_pool.py and test_06_health_checks.py.
 """
 
 import ast
@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -36,7 +37,9 @@ from helpers import (
     load_module,
     missing,
     read_until_closed,
+    role_with_database,
     send_request,
+    session_encryption,
     silent_server,
     wait_for_connections,
     wait_for_lines,
@@ -854,3 +857,58 @@ def test_erratum_13_our_chapters_log_each_workers_pool_with_its_sizes(pg):
             assert {int(re.search(r"pid (\d+)", line).group(1)) for line in lines} == workers
             assert all("min_size=2" in line and "max_size=10" in line for line in lines), lines
             assert running.terminate() == 0
+
+
+# -- Erratum 14: "asyncpg accepts the postgres:// DSN as-is", and sends it in plaintext ------------
+async def encryption_seen(url: str) -> tuple[bool, str | None]:
+    """Connect as the article does, with the URL as it is, and ask the server what it sees."""
+    conn = await asyncpg.connect(url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    return row["ssl"], row["version"]
+
+
+async def test_erratum_14_the_bare_url_connects_in_plaintext_or_unverified(
+    plain_pg, tls_pg, certificates
+):
+    """The article's URL, no sslmode, to a server that is not on this machine: asyncpg's default
+    is `prefer`. Against a server with TLS off it connects in plaintext without a word; against
+    one with TLS on it encrypts, yet connects although it was given no CA to check the
+    certificate against."""
+    urls = {}
+    for name, server in (("plain", plain_pg), ("tls", tls_pg)):
+        db = role_with_database(server, LAST.schema, "article", "article-password")
+        urls[name] = server.url(certificates.host, db, "article", "article-password")
+    assert await encryption_seen(urls["plain"]) == (False, None)
+    ssl_on, version = await encryption_seen(urls["tls"])
+    assert ssl_on and version.startswith("TLSv1")
+    # The same URL with the check it lacked fails: the certificate was never looked at.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await encryption_seen(
+            urls["tls"] + f"?sslmode=verify-full&sslrootcert={certificates.other_ca}"
+        )
+
+
+def test_erratum_14_the_last_chapter_refuses_the_bare_url_and_connects_verified(
+    tls_pg, certificates
+):
+    """The same bare URL makes the last chapter refuse to start in one line naming what to set;
+    with sslmode=verify-full and the CA it serves, over TLS as the server sees it."""
+    db = role_with_database(tls_pg, LAST.schema, "article", "article-password")
+    bare = tls_pg.url(certificates.host, db, "article", "article-password")
+    with start(LAST, database_url=bare, WEB_CONCURRENCY="1") as running:
+        code = running.proc.wait(timeout=30)
+        output = running.output()
+    assert code == 3 and "Traceback" not in output, output
+    refusals = [line for line in output.splitlines() if "refusing to start" in line]
+    assert len(refusals) == 1 and "sslmode=verify-full" in refusals[0], output
+    verified = bare + f"?sslmode=verify-full&sslrootcert={certificates.ca}"
+    with start(LAST, database_url=verified, WEB_CONCURRENCY="1") as running:
+        running.wait_until("/users/1")
+        assert "TLS TLSv1" in wait_for_lines(running, "pool ready", 1)[0]
+        assert all(ssl_on for ssl_on, _ in session_encryption(tls_pg, "article"))
+        assert running.terminate() == 0

@@ -150,7 +150,11 @@ def load(folder: Path = FOLDER) -> Fleet:
     rolling = deploy["spec"]["strategy"]["rollingUpdate"]
     pdb = docs["PodDisruptionBudget/users"]["spec"]
     gunicorn = runpy.run_path(str(folder / "gunicorn.conf.py"))
-    app = _constants(folder / "app.py")
+    # From chapter 08 on the pool sizes live in database.py, which app.py imports them from.
+    app = {}
+    for module in ("database.py", "app.py"):
+        if (folder / module).exists():
+            app.update(_constants(folder / module))
     return Fleet(
         replicas=deploy["spec"]["replicas"],
         max_surge=rolling["maxSurge"],

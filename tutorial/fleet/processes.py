@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from tutorial import chapters
 from tutorial.parts import process, waiting
 
 if TYPE_CHECKING:
     from .fleet import Fleet
 
-CHAPTER = "07"
+CHAPTER = "07"  # make fleet's default; CHAPTER=08 on picks a later chapter
 INSTALL = (
     "install them with `apt install haproxy pgbouncer` (Debian, Ubuntu) "
     "or `brew install haproxy pgbouncer`"
@@ -35,10 +34,14 @@ def tool(name: str) -> str | None:
     return shutil.which(name) or (shutil.which(name, path=SBIN) if SBIN else None)
 
 
-def missing_tools() -> str | None:
+def missing_tools(chapter: str = CHAPTER) -> str | None:
     absent = [name for name in ("haproxy", "pgbouncer") if not tool(name)]
     if absent:
         return f"{' and '.join(absent)} not found: {INSTALL}"
+    if int(chapter) >= 8:  # TLS to the database: the embedded server has no OpenSSL
+        from tutorial.parts import tls_postgres
+
+        return tls_postgres.missing()
     return None
 
 
@@ -98,12 +101,12 @@ class Part:
 
 
 class Replica(Part):
-    """Chapter 07 with its documented command, bound to its own loopback address."""
+    """The fleet's chapter with its documented command, bound to its own loopback address."""
 
     def __init__(self, fleet: Fleet, slot: int, name: str, **env: str):
         self.slot, self.address, self.port = slot, fleet.slot_address(slot), fleet.app_port
         self.url = f"http://{self.address}:{self.port}"
-        chapter = chapters.get(CHAPTER)
+        chapter = fleet.chapter
         args = f"--bind {self.address}:{self.port}"
         if fleet.graceful_timeout is not None:
             args += f" --graceful-timeout {fleet.graceful_timeout}"
@@ -114,6 +117,7 @@ class Replica(Part):
             DB_STATEMENT_CACHE_SIZE="0",
             APPLICATION_NAME=name,
             GUNICORN_CMD_ARGS=args,
+            **fleet.replica_secrets(),
         )
         environment.update(env)
         super().__init__(

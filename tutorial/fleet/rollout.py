@@ -36,6 +36,7 @@ from pathlib import Path
 from tutorial import chapters
 
 from .fleet import Fleet, FleetError, missing_tools, runtime_dir, say
+from .processes import CHAPTER
 
 # How long an endpoint removal takes to reach the load balancer. Assumed, not measured: kube-proxy
 # on every node has to see the EndpointSlice change; a second is quick for a real cluster.
@@ -423,6 +424,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--rate", type=int, default=RATE, help="requests per second (default %(default)s)"
     )
     parser.add_argument(
+        "--chapter",
+        default=os.environ.get("CHAPTER") or CHAPTER,
+        help="the chapter to roll out, 07 or later (default %(default)s); a running make fleet's "
+        "own chapter wins",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -434,13 +441,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     port = int(os.environ.get("PORT", "8080"))
-    why = missing_tools()
+    if int(args.chapter) < int(CHAPTER):
+        say(f"make rollout starts at chapter {CHAPTER}: chapter {args.chapter} has no fleet")
+        return 1
+    why = missing_tools(args.chapter)
     if why:  # before anything starts: one line, nothing to stop
         say(why)
         return 1
     out = args.out or runtime_dir().parent / "rollout"
     graceful = ARTICLE["graceful_timeout"] if args.setup == "article" else None
-    fleet = Fleet(runtime_dir(), port=port, say=say)
+    fleet = Fleet(runtime_dir(), port=port, chapter=args.chapter, say=say)
     attached = fleet.adopt()
     if attached:
         say(f"taking over the make fleet running on localhost:{port} (pid {fleet.owner})")
@@ -450,6 +460,7 @@ def main(argv: list[str]) -> int:
             runtime_dir().parent / f"rollout-fleet-{args.setup}",
             port=port,
             graceful_timeout=graceful,
+            chapter=args.chapter,
             say=say,
         )
 
