@@ -43,9 +43,13 @@ run:
 	$(VENV_RUN)
 	@$(PY) -m tutorial.learner.run $(CHAPTER)
 
+# pytest's own temp root (/tmp/pytest-of-$USER) is reset to 0700 by any pytest run on the machine,
+# and PostgreSQL runs as another user inside it: each run gets a folder of its own, removed after.
 test:
 	$(VENV_DEV)
-	@$(if $(EVERY_CHAPTER),TUTORIAL_EVERY_CHAPTER=1) $(PY) -m pytest -n $(JOBS) --dist loadgroup $(ARGS)
+	@tmp=$$(mktemp -d -t aiohttp-tutorial-XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	  $(if $(EVERY_CHAPTER),TUTORIAL_EVERY_CHAPTER=1) $(PY) -m pytest -n $(JOBS) --dist loadgroup \
+	  --basetemp="$$tmp/pytest" $(ARGS)
 
 soak:
 	$(VENV_DEV)

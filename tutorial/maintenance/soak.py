@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,6 +29,8 @@ from .freshness import verdicts
 
 
 def run_once(seed: int, jobs: str, junit: Path, extra: list[str]) -> tuple[int, float]:
+    # a temp root of the run's own, as `make test` gives it (the Makefile says why)
+    scratch = tempfile.mkdtemp(prefix="aiohttp-tutorial-soak-")
     argv = [
         sys.executable,
         "-m",
@@ -44,10 +48,14 @@ def run_once(seed: int, jobs: str, junit: Path, extra: list[str]) -> tuple[int, 
         "no:cacheprovider",
         f"--randomly-seed={seed}",
         f"--junitxml={junit}",
+        f"--basetemp={scratch}/pytest",
         *extra,
     ]
     started = time.monotonic()
-    code = subprocess.run(argv, cwd=ROOT, check=False).returncode
+    try:
+        code = subprocess.run(argv, cwd=ROOT, check=False).returncode
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return code, time.monotonic() - started
 
 
