@@ -7,19 +7,23 @@ a slow or silent database.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import importlib.util
 import itertools
 import os
 import re
+import signal
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
 from types import ModuleType
 
 import asyncpg
+import psutil
 import pytest
 
 from tutorial.learner.expect import last_lines
@@ -302,3 +306,27 @@ def session_encryption(server, role: str) -> list[tuple[bool, str]]:
         f"JOIN pg_stat_activity a USING (pid) WHERE a.usename = '{role}'",
     )
     return [(ssl == "t", version) for ssl, version in (line.split("|") for line in rows.split())]
+
+
+def end_process_tree(proc, timeout: float = 60) -> None:
+    """Whatever the test's outcome, nothing a launched `make fleet` or `make rollout` started
+    outlives it: Ctrl-C its process group (its own clean stop) and wait; then SIGKILL what is left
+    of it and of every process it had started (its parts run in sessions of their own, so killing
+    the group alone would leave them running)."""
+    if proc.poll() is not None:
+        return
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        for part in tree:
+            with contextlib.suppress(psutil.Error):
+                part.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

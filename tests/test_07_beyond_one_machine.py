@@ -25,7 +25,7 @@ import asyncpg
 import kubernetes_validate
 import psutil
 import pytest
-from helpers import UsersLock, load_module
+from helpers import UsersLock, end_process_tree, load_module
 
 from tutorial import chapters
 from tutorial.fleet import budget, haproxy, rollout
@@ -322,8 +322,7 @@ def test_make_fleet_then_make_rollout_fails_no_request_and_ctrl_c_leaves_nothing
         os.killpg(fleet_proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's foreground group
         fleet_proc.wait(60)
     finally:
-        if fleet_proc.poll() is None:
-            os.killpg(fleet_proc.pid, signal.SIGKILL)
+        end_process_tree(fleet_proc)
     assert still_running(started) == [], log.read_text()
     assert "fleet stopped" in log.read_text()
 
@@ -542,8 +541,7 @@ def interrupted(
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's foreground group
         proc.wait(60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        end_process_tree(proc)
     return log.read_text(), started
 
 

@@ -23,7 +23,13 @@ import asyncpg
 import kubernetes_validate
 import pytest
 import yaml
-from helpers import missing, role_with_database, session_encryption, wait_for_lines
+from helpers import (
+    end_process_tree,
+    missing,
+    role_with_database,
+    session_encryption,
+    wait_for_lines,
+)
 
 from tutorial import chapters
 from tutorial.fleet import budget
@@ -577,9 +583,7 @@ def test_make_fleet_and_make_rollout_run_chapter_08_with_tls_on_every_leg(fleet_
         os.killpg(fleet.pid, signal.SIGINT)
         fleet.wait(60)
     finally:
-        if fleet.poll() is None:
-            os.killpg(fleet.pid, signal.SIGKILL)
-            fleet.wait()
+        end_process_tree(fleet)
     assert "fleet stopped" in log.read_text()
     left = (state["postgres_port"], state["pgbouncer_port"], state["port"])
     assert not [port for port in left if process.port_in_use(port)], log.read_text()

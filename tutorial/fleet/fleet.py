@@ -254,8 +254,10 @@ class Fleet:
         if self.haproxy:
             self.haproxy.stop()
             self.haproxy = None
+        for replica in replicas:  # all at once, as a platform ends the pods it deletes
+            replica.send(signal.SIGTERM)
         for replica in replicas:
-            replica.stop(timeout=self.numbers.grace + 5)
+            replica.finish(timeout=self.numbers.grace + 5)
         self.replicas.clear()
         if self.pgbouncer:
             self.pgbouncer.stop()

@@ -81,6 +81,10 @@ class Part:
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         self.send(signum)
+        return self.finish(timeout)
+
+    def finish(self, timeout: float) -> int:
+        """Its exit code once it has exited, killed if that takes longer than `timeout`."""
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
