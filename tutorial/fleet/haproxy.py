@@ -11,6 +11,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tutorial.parts import waiting
+
 from . import budget
 from .processes import FleetError, Part, tool, wait_port
 
@@ -77,6 +79,17 @@ class HAProxy:
             "haproxy", [tool("haproxy"), "-db", "-f", str(cfg)], self.runtime / "haproxy.log"
         )
         wait_port(self.part, self.port)
+        # Its port accepts a moment before its admin socket exists (7 starts in 100 here), and the
+        # replicas are added through that socket.
+        try:
+            waiting.until(
+                lambda: self.command("show info"),
+                timeout=15,
+                retry_on=(OSError,),
+                waiting_for=f"HAProxy's admin socket {self.socket}",
+            )
+        except TimeoutError as exc:
+            raise FleetError(str(exc)) from None
 
     def stop(self) -> None:
         if self.part:
