@@ -55,7 +55,70 @@ def as_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-class LocalPostgres:
+class Server:
+    """What every PostgreSQL server of ours shares: waiting for it to be ready, and stopping it.
+    A subclass sets `process`, `data_dir` and `log_path` as it starts the server."""
+
+    kind = "PostgreSQL"
+    process: subprocess.Popen | None
+    data_dir: Path
+    log_path: Path
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """A fast shutdown: open sessions are ended, nothing is lost."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def _wait_ready(self) -> None:
+        pid_file = self.data_dir / "postmaster.pid"
+
+        def status() -> str:
+            if self.process.poll() is not None:
+                raise DatabaseError(
+                    f"{self.kind} exited at start: {self._last_log_line()} "
+                    f"(full log: {self.log_path})"
+                )
+            try:
+                lines = pid_file.read_text().splitlines()
+            except FileNotFoundError:
+                return "no postmaster.pid yet"
+            return lines[7].strip() if len(lines) >= 8 else "no status in postmaster.pid yet"
+
+        try:
+            waiting.until(
+                status,
+                timeout=START_TIMEOUT,
+                done=lambda line: line == "ready",
+                waiting_for=f"{self.kind} to become ready (log: {self.log_path})",
+            )
+        except TimeoutError as exc:
+            self.stop()
+            raise DatabaseError(str(exc)) from None
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = [
+                text
+                for text in self.log_path.read_text(errors="replace").splitlines()
+                if text.strip()
+            ]
+        except FileNotFoundError:
+            return "(no log)"
+        for line in reversed(lines):
+            if "FATAL" in line or "ERROR" in line:
+                return line.strip()
+        return lines[-1].strip() if lines else "(empty log)"
+
+
+class LocalPostgres(Server):
     """One server: `data_dir` holds its files, `port` its loopback port, `socket_dir` its socket."""
 
     def __init__(self, data_dir: Path, port: int | None = None, *, durable: bool = True):
@@ -110,19 +173,6 @@ class LocalPostgres:
             )
         self._wait_ready()
         return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """A fast shutdown: open sessions are ended, nothing is lost."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
 
     @property
     def running(self) -> bool:
@@ -230,46 +280,6 @@ class LocalPostgres:
             waiting.until(
                 gone, timeout=15, every=0.1, waiting_for=f"the leftover server (pid {pid}) to stop"
             )
-
-    def _wait_ready(self) -> None:
-        pid_file = self.data_dir / "postmaster.pid"
-
-        def status() -> str:
-            if self.process.poll() is not None:
-                raise DatabaseError(
-                    f"PostgreSQL exited at start: {self._last_log_line()} "
-                    f"(full log: {self.log_path})"
-                )
-            try:
-                lines = pid_file.read_text().splitlines()
-            except FileNotFoundError:
-                return "no postmaster.pid yet"
-            return lines[7].strip() if len(lines) >= 8 else "no status in postmaster.pid yet"
-
-        try:
-            waiting.until(
-                status,
-                timeout=START_TIMEOUT,
-                done=lambda line: line == "ready",
-                waiting_for=f"PostgreSQL to become ready (log: {self.log_path})",
-            )
-        except TimeoutError as exc:
-            self.stop()
-            raise DatabaseError(str(exc)) from None
-
-    def _last_log_line(self) -> str:
-        try:
-            lines = [
-                text
-                for text in self.log_path.read_text(errors="replace").splitlines()
-                if text.strip()
-            ]
-        except FileNotFoundError:
-            return "(no log)"
-        for line in reversed(lines):
-            if "FATAL" in line or "ERROR" in line:
-                return line.strip()
-        return lines[-1].strip() if lines else "(empty log)"
 
 
 # -- databases on a server -------------------------------------------------------------------------

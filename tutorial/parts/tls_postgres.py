@@ -12,13 +12,18 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
-from . import waiting
-from .database import SERVICE_USER, DatabaseError, as_root, ensure_prefix_permissions, ensure_user
+from .database import (
+    SERVICE_USER,
+    DatabaseError,
+    Server,
+    as_root,
+    ensure_prefix_permissions,
+    ensure_user,
+)
 from .process import free_port
 
 PACKAGE = "postgresql"
@@ -37,9 +42,11 @@ def missing() -> str | None:
     return None if bin_dir() else f"no PostgreSQL server under /usr/lib/postgresql: {INSTALL}"
 
 
-class TLSPostgres:
+class TLSPostgres(Server):
     """One Debian PostgreSQL. `cert` and `key` are PEM files; without them TLS is off (ssl=off),
     the server a careless provider runs. `listen` is every address it accepts TCP on."""
+
+    kind = "Debian's PostgreSQL"
 
     def __init__(
         self,
@@ -146,18 +153,6 @@ class TLSPostgres:
         self._wait_ready()
         return self
 
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # fast shutdown
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
     def __enter__(self) -> TLSPostgres:
         return self.start()
 
@@ -192,27 +187,3 @@ class TLSPostgres:
             "local all all trust\nhost all all 0.0.0.0/0 scram-sha-256\n"
             "host all all ::/0 scram-sha-256\n"
         )
-
-    def _wait_ready(self) -> None:
-        pid_file = self.data_dir / "postmaster.pid"
-
-        def status() -> str:
-            if self.process.poll() is not None:
-                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:]
-                raise DatabaseError(f"PostgreSQL exited at start: {' '.join(tail)}")
-            try:
-                lines = pid_file.read_text().splitlines()
-            except FileNotFoundError:
-                return "no postmaster.pid yet"
-            return lines[7].strip() if len(lines) >= 8 else "starting"
-
-        try:
-            waiting.until(
-                status,
-                timeout=30,
-                done=lambda line: line == "ready",
-                waiting_for=f"Debian's PostgreSQL to become ready (log: {self.log_path})",
-            )
-        except TimeoutError as exc:
-            self.stop()
-            raise DatabaseError(str(exc)) from None
