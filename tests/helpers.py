@@ -26,6 +26,7 @@ import asyncpg
 import psutil
 import pytest
 
+from tutorial import chapters as manifest
 from tutorial.learner.expect import last_lines
 from tutorial.parts import process, waiting
 from tutorial.parts.database import DatabaseError, execute
@@ -330,3 +331,42 @@ def end_process_tree(proc, timeout: float = 60) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+# -- make run, make fleet and make rollout, launched as a learner's terminals run them ------------
+def as_a_terminal_job() -> None:
+    """In the child, before it runs: Ctrl-C (SIGINT) acts as it does on a terminal's foreground
+    job, even when the suite itself runs as a background job, which starts with SIGINT ignored and
+    hands that on to every process it starts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def launch(argv: list[str], tmp_path: Path, log_name: str) -> tuple[subprocess.Popen, Path, dict]:
+    """`python argv` as make runs it, in a session of its own (a terminal's foreground job), its
+    output in tmp_path/log_name; the process, the log and the environment it was given."""
+    env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
+    log = tmp_path / log_name
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=manifest.ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=as_a_terminal_job,
+        )
+    return proc, log, env
+
+
+def make_rollout(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`make rollout` in a second terminal, with `env` (a launched make fleet's), to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "tutorial.fleet.rollout", *args],
+        cwd=manifest.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )

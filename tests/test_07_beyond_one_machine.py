@@ -19,13 +19,12 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import asyncpg
 import kubernetes_validate
 import psutil
 import pytest
-from helpers import UsersLock, end_process_tree, load_module
+from helpers import UsersLock, end_process_tree, launch, load_module, make_rollout
 
 from tutorial import chapters
 from tutorial.fleet import budget, haproxy, rollout
@@ -258,23 +257,6 @@ LAST_LINE = re.compile(
 )
 
 
-def launch(argv: list[str], tmp_path: Path, log_name: str) -> tuple[subprocess.Popen, Path, dict]:
-    """`python argv` as make runs it, in a session of its own (a terminal's foreground job), its
-    output in tmp_path/log_name; the process, the log and the environment it was given."""
-    env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
-    log = tmp_path / log_name
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, *argv],
-            cwd=chapters.ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return proc, log, env
-
-
 def test_make_fleet_then_make_rollout_fails_no_request_and_ctrl_c_leaves_nothing(
     fleet_tools, tmp_path
 ):
@@ -287,15 +269,7 @@ def test_make_fleet_then_make_rollout_fails_no_request_and_ctrl_c_leaves_nothing
     try:
         wait_for_output(log, fleet_proc, "Try:")
         old = {r[0] for r in state_of(tmp_path)["replicas"].values()}
-        result = subprocess.run(
-            [sys.executable, "-m", "tutorial.fleet.rollout", "--out", str(tmp_path / "out")],
-            cwd=chapters.ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=150,
-            check=False,
-        )
+        result = make_rollout(env, "--out", str(tmp_path / "out"))
         lines = result.stdout.strip().splitlines()
         assert result.returncode == 0 and "taking over the make fleet" in result.stdout, (
             result.stdout + result.stderr

@@ -25,6 +25,8 @@ import pytest
 import yaml
 from helpers import (
     end_process_tree,
+    launch,
+    make_rollout,
     missing,
     role_with_database,
     session_encryption,
@@ -537,17 +539,7 @@ def test_make_fleet_and_make_rollout_run_chapter_08_with_tls_on_every_leg(fleet_
 
     if tls_postgres.missing():
         missing("Debian's PostgreSQL (package postgresql)", tls_postgres.missing())
-    env = {**os.environ, "TUTORIAL_DATA_DIR": str(tmp_path), "PORT": str(process.free_port())}
-    log = tmp_path / "fleet.log"
-    with open(log, "w") as out:
-        fleet = subprocess.Popen(
-            [sys.executable, "-m", "tutorial.fleet", "08"],
-            cwd=chapters.ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    fleet, log, env = launch(["-m", "tutorial.fleet", "08"], tmp_path, "fleet.log")
     try:
         waiting.until(
             lambda: "Try:" in log.read_text() or fleet.poll() is not None,
@@ -567,15 +559,8 @@ def test_make_fleet_and_make_rollout_run_chapter_08_with_tls_on_every_leg(fleet_
             "WHERE a.usename = 'users'",
         ).split()
         assert sessions and set(sessions) == {"t"}, sessions
-        result = subprocess.run(
-            [sys.executable, "-m", "tutorial.fleet.rollout", "--chapter", "08"]
-            + ["--rate", "100", "--out", str(tmp_path / "out")],
-            cwd=chapters.ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=150,
-            check=False,
+        result = make_rollout(
+            env, "--chapter", "08", "--rate", "100", "--out", str(tmp_path / "out")
         )
         last = result.stdout.strip().splitlines()[-1]
         assert result.returncode == 0 and "taking over" in result.stdout, result.stdout

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import psutil
-from helpers import missing
+from helpers import as_a_terminal_job, missing
 
 from tutorial import chapters
 from tutorial.parts import waiting
@@ -39,6 +39,7 @@ def make_run(chapter: str, env: dict[str, str]) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=as_a_terminal_job,
     )
 
 
@@ -166,7 +167,8 @@ def test_make_run_explains_a_database_that_cannot_start(tmp_path):
     )
     assert result.returncode == 1
     assert "PostgreSQL could not start" in result.stdout, result.stdout
-    assert "could not access the server configuration file" in result.stdout  # its own reason
+    # its own reason
+    assert "could not access the server configuration file" in result.stdout, result.stdout
     assert "delete .data/ to start afresh" in result.stdout
     assert descendants_and_postgres(str(tmp_path)) == []
 
