@@ -500,6 +500,17 @@ class Fleet:
             "haproxy", [tool("haproxy"), "-db", "-f", str(cfg)], self.runtime / "haproxy.log"
         )
         self._wait_port(self.haproxy, "127.0.0.1", self.port)
+        # Its port accepts a moment before its admin socket exists (7 starts in 100 here), and the
+        # replicas are added through that socket.
+        try:
+            waiting.until(
+                lambda: self.haproxy_command("show info"),
+                timeout=15,
+                retry_on=(OSError,),
+                waiting_for=f"HAProxy's admin socket {self.stats_socket}",
+            )
+        except TimeoutError as exc:
+            raise FleetError(str(exc)) from None
 
     def _wait_port(self, part: Part, host: str, port: int, timeout: float = 15.0) -> None:
         def listening() -> bool:
