@@ -851,8 +851,8 @@ def test_erratum_13_our_chapters_log_each_workers_pool_with_its_sizes(pg):
             chapter, database_url=pg.dsn(fresh_database(pg, chapter.schema)), WEB_CONCURRENCY="2"
         ) as running:
             running.wait_until("/users/1")
+            lines = wait_for_lines(running, "pool ready", 2)  # Gunicorn forks them 0-0.1 s apart
             workers = {child.pid for child in psutil.Process(running.pid).children()}
-            lines = wait_for_lines(running, "pool ready", 2)
             assert len(lines) == 2, running.output()
             assert {int(re.search(r"pid (\d+)", line).group(1)) for line in lines} == workers
             assert all("min_size=2" in line and "max_size=10" in line for line in lines), lines
