@@ -228,10 +228,12 @@ def test_article_02_passes_what_it_gets_right_and_fails_each_lesson_for_its_own_
     assert_in_words(report)
     passing = {*ARTICLE_GETS_RIGHT}
     failing = {*ARTICLE_MISSES, RUNS_02, PORT_01}
-    if port_8080_is_free():
-        passing.add(RUNS_01)
-    else:
-        failing.add(RUNS_01)
+    # The article's app binds 8080 whatever PORT says, so whether its own command serves depends
+    # on that port being free at the moment make check ran it, which a check made afterwards
+    # cannot know (once in three full runs, it was not): either verdict, with its reason in words.
+    ran = "ok" if RUNS_01 in report.verdicts("ok") else "FAIL"
+    assert RUNS_01 in report.verdicts(ran) and (ran == "ok" or report.reasons(RUNS_01))
+    (passing if ran == "ok" else failing).add(RUNS_01)
     assert report.verdicts("ok") == passing
     assert report.verdicts("FAIL") == failing
     assert report.after[1] == f"{len(passing)} of {len(passing) + len(failing)} behaviours pass."

@@ -218,9 +218,13 @@ class LocalPostgres(Server):
                     f"running as root, PostgreSQL needs a user '{SERVICE_USER}' "
                     f"and useradd failed: {exc}"
                 ) from None
-            ensure_prefix_permissions(self.socket_dir)
-            ensure_prefix_permissions(POSTGRES_BIN_PATH)
             bits = stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH
+            # The service user must reach its data folder and its socket: a long data path puts
+            # the socket in the temp folder (a socket path has 107 bytes), away from the data.
+            ensure_prefix_permissions(self.socket_dir)
+            ensure_prefix_permissions(self.data_dir.parent)
+            self.data_dir.parent.chmod(self.data_dir.parent.stat().st_mode | bits)
+            ensure_prefix_permissions(POSTGRES_BIN_PATH)
             ensure_folder_permissions(POSTGRES_BIN_PATH, bits)
             ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", bits)
             ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "share", bits)
