@@ -137,6 +137,11 @@ def collect_garbage():
     here, in this test's teardown, its finalizer's ResourceWarning or unraisable exception is
     reported for this test, not for whichever later test the next collection would fall in."""
     yield
+    # pytest keeps a failed test's exception, and with it the test's frames, in sys.last_* until the
+    # next test runs: what those frames hold would become garbage, and be reported, in that test.
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            delattr(sys, name)
     gc.collect()
 
 
