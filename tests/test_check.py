@@ -22,6 +22,9 @@ import pytest
 from tutorial import chapters
 
 LEARNERS = Path(__file__).parent / "learners"
+# The first test here waits for four whole learner runs (about a minute on a quiet machine, past
+# pytest.ini's 180 s on a loaded one): its bound is the runs' own, 900 s each.
+pytestmark = pytest.mark.timeout(900)
 
 
 @dataclasses.dataclass
