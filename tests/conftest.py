@@ -21,7 +21,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import IN_CI, fresh_database, load_module, missing, start_fleet
+from helpers import (
+    AS_RUN,
+    IN_CI,
+    IN_PROCESS,
+    fresh_database,
+    load_module,
+    missing,
+    start_fleet,
+)
 
 from tutorial import chapters as manifest
 from tutorial.learner import expect
@@ -47,11 +55,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): tests that share one xdist worker")
 
 
-# A behaviour tested in process runs from app.py and schema.sql; one tested as a learner runs it
-# (Gunicorn, signals, a container) from the run command and gunicorn.conf.py: what a chapter in
-# between must change to earn a run of it (MAINTAINING.md, "Which chapters a test runs on").
-IN_PROCESS = ("app.py", "schema.sql")
-AS_RUN = ("gunicorn.conf.py", "run")
 EVERY_CHAPTER = os.environ.get("TUTORIAL_EVERY_CHAPTER") == "1"
 SELECTIVE = not EVERY_CHAPTER and not os.environ.get("TUTORIAL_CHECK_CHAPTER")
 

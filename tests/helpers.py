@@ -33,6 +33,13 @@ from tutorial.parts.database import DatabaseError, execute
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
+# A behaviour tested in process runs from app.py, the modules beside it (database.py from chapter
+# 08 on) and the schema; one tested as a learner runs it (Gunicorn, signals, a container) from the
+# run command and gunicorn.conf.py: what a chapter in between must change to earn a run of it
+# (MAINTAINING.md, "Which chapters a test runs on").
+IN_PROCESS = ("*.py", "!gunicorn.conf.py", "schema.sql", "migrations/*")
+AS_RUN = ("gunicorn.conf.py", "run")
+
 # GET /users/1 of every chapter from 02 on: schema.sql's sample row, as the API encodes it.
 SAMPLE_USER = {
     "id": 1,

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from helpers import missing
+from helpers import IN_PROCESS, missing
 
 from tutorial import chapters
 from tutorial.maintenance import freshness
@@ -242,6 +242,29 @@ def test_a_chapter_in_between_runs_a_behaviour_only_where_it_changes_its_code():
     assert {"01", last} <= chosen["test_health_is_ok"]
     everything = collected("tests/test_01_minimal_app.py", every_chapter=True)
     assert everything["test_index_says_hello"] == every
+
+
+def test_a_module_beside_app_py_or_a_migration_earns_an_in_process_run(tmp_path):
+    """From chapter 08 on app.py imports database.py: a change there (or in the schema's
+    migrations) is a change to what the in-process tests run; gunicorn.conf.py is not."""
+    base = chapters.get("08")
+    files = {"app.py": "import database\n", "database.py": "SIZE = 2\n", "schema.sql": "--\n"}
+
+    def folder(name: str, **changed: str) -> chapters.Chapter:
+        (tmp_path / name / "migrations").mkdir(parents=True)
+        for file, text in {**files, **changed}.items():
+            (tmp_path / name / file.replace("__", "/")).write_text(text)
+        return dataclasses.replace(base, location=tmp_path / name)
+
+    before = folder("before", **{"gunicorn.conf.py": "workers = 2\n"})
+    verdicts = {
+        "same": folder("same", **{"gunicorn.conf.py": "workers = 2\n"}),
+        "gunicorn-only": folder("gunicorn-only", **{"gunicorn.conf.py": "workers = 3\n"}),
+        "database": folder("database", **{"database.py": "SIZE = 3\n"}),
+        "migration": folder("migration", **{"migrations__0002_add.sql": "--\n"}),
+    }
+    changed = {name: c.changes(IN_PROCESS, before) for name, c in verdicts.items()}
+    assert changed == {"same": False, "gunicorn-only": False, "database": True, "migration": True}
 
 
 def test_make_soak_names_a_test_that_fails_in_a_shuffled_order(tmp_path):

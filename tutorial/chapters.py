@@ -86,10 +86,27 @@ class Chapter:
                 node.body = body[1:] or [ast.Pass()]
         return ast.dump(tree)
 
-    def changes(self, names: tuple[str, ...]) -> bool:
-        """Whether this chapter's code for any of `names` differs from the previous chapter's."""
-        before = self.previous
-        return before is None or any(self.code(n) != before.code(n) for n in names)
+    def changes(self, names: tuple[str, ...], before: Chapter | None = None) -> bool:
+        """Whether this chapter's code for any of `names` differs from `before`'s (the previous
+        chapter's by default). A name may be a glob ("*.py", "migrations/*"), matched in both
+        folders; "!name" leaves a file out of the globs before it."""
+        before = before or self.previous
+        if before is None:
+            return True
+        chosen: set[str] = set()
+        for name in names:
+            if name.startswith("!"):
+                chosen.discard(name[1:])
+            elif any(sign in name for sign in "*?["):
+                chosen |= {
+                    path.relative_to(chapter.folder).as_posix()
+                    for chapter in (self, before)
+                    for path in chapter.folder.glob(name)
+                    if path.is_file()
+                }
+            else:
+                chosen.add(name)
+        return any(self.code(n) != before.code(n) for n in sorted(chosen))
 
 
 def _is_docstring(node: ast.stmt) -> bool:
