@@ -48,7 +48,7 @@ run:
 test:
 	$(VENV_DEV)
 	@tmp=$$(mktemp -d -t aiohttp-tutorial-XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
-	  $(if $(EVERY_CHAPTER),TUTORIAL_EVERY_CHAPTER=1) $(PY) -m pytest -n $(JOBS) --dist loadgroup \
+	  $(if $(EVERY_CHAPTER),TUTORIAL_EVERY_CHAPTER=1) $(PY) -m pytest -n $(JOBS) --dist loadgroup --no-loadscope-reorder \
 	  --basetemp="$$tmp/pytest" $(ARGS)
 
 soak:

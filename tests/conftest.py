@@ -11,6 +11,7 @@ TUTORIAL_CHECK_DIR to run one chapter's tests on a learner's own folder.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import importlib.util
@@ -96,9 +97,24 @@ def pytest_collection_modifyitems(config, items):
     # `make test` runs xdist workers with --dist loadgroup, and a group stays on one worker: a
     # module's tests share its module-scoped fixtures (a fleet, the learners' reports), and every
     # test of the Docker engine shares its one data root.
+    groups = {}
     for item in items:
-        group = "docker" if "docker" in item.fixturenames else item.path.stem
-        item.add_marker(pytest.mark.xdist_group(group))
+        groups[item] = "docker" if "docker" in item.fixturenames else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    # The groups are handed out in this order (make test passes --no-loadscope-reorder): the
+    # longest first, then by their number of tests as xdist would, so that no long one is left
+    # to run alone at the end while the other worker idles.
+    count = collections.Counter(groups.values())
+    items.sort(key=lambda item: (longest_rank(groups[item]), -count[groups[item]], groups[item]))
+
+
+# The groups that keep one worker busy for a minute or more (`make test ARGS=--durations=0`):
+# the site in a browser, the learners' four runs of make check, the Docker engine.
+LONGEST = ("test_site", "test_check", "docker")
+
+
+def longest_rank(group: str) -> int:
+    return LONGEST.index(group) if group in LONGEST else len(LONGEST)
 
 
 @pytest.fixture

@@ -247,6 +247,25 @@ def test_make_test_keeps_a_modules_tests_on_one_worker():
     assert all(line.rstrip().endswith("@test_07_beyond_one_machine") for line in ran), ran[0]
 
 
+def test_make_test_hands_out_the_longest_groups_first():
+    """The browser's, the learners' and the Docker engine's groups are collected first, in that
+    order, and make test keeps the order (--no-loadscope-reorder): with xdist's own order (most
+    tests first) the site's group, with few tests and three minutes of work, came last."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+        + ["-p", "no:xdist"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    modules = [line.split("::")[0] for line in done.stdout.splitlines() if "::" in line]
+    first = list(dict.fromkeys(modules))[:2]
+    assert first == ["tests/test_site.py", "tests/test_check.py"], first
+    assert "--no-loadscope-reorder" in (ROOT / "Makefile").read_text()
+
+
 def test_two_processes_making_the_database_user_at_once_both_succeed():
     """As root, PostgreSQL runs as a user of its own, made on first use; on a new machine every
     xdist worker starts its server at the same moment, and each must get the user, not an error

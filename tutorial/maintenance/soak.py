@@ -37,7 +37,11 @@ def run_once(seed: int, jobs: str, junit: Path, extra: list[str]) -> tuple[int, 
         "pytest",
         "-q",
         # JOBS=1 is a run without xdist at all: no test may need a worker's process of its own
-        *(["-p", "no:xdist"] if jobs == "1" else ["-n", jobs, "--dist", "loadgroup"]),
+        *(
+            ["-p", "no:xdist"]
+            if jobs == "1"
+            else ["-n", jobs, "--dist", "loadgroup", "--no-loadscope-reorder"]
+        ),
         "-o",
         "junit_family=xunit1",
         "-p",
