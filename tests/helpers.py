@@ -29,7 +29,7 @@ import pytest
 from tutorial import chapters as manifest
 from tutorial.learner.expect import last_lines
 from tutorial.parts import process, waiting
-from tutorial.parts.database import DatabaseError, execute
+from tutorial.parts.database import DatabaseError, execute, load_schema, schema_text
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -84,15 +84,14 @@ _counter = itertools.count(1)
 def fresh_database(server, schema: Path | None) -> str:
     """The name of a new database on `server` (the session's `pg`, or a server a test owns), cloned
     from a template that already holds the schema and its sample rows."""
-    sql = schema.read_text() if schema else ""
-    key = hashlib.sha1(sql.encode()).hexdigest()[:12]
+    key = hashlib.sha1(schema_text(schema).encode()).hexdigest()[:12]
     # A server of a test's own has a data folder of its own; the external one has only its DSN.
     where = (str(getattr(server, "data_dir", server.admin_dsn)), key)
     if where not in _templates:
         template = f"tpl_{key}"
         execute(server.admin_dsn, f"DROP DATABASE IF EXISTS {template}; CREATE DATABASE {template}")
-        if sql:
-            execute(server.dsn(template), sql)
+        if schema:
+            load_schema(server.dsn(template), schema)
         _templates[where] = template
     name = f"t{os.getpid()}_{next(_counter)}"
     execute(server.admin_dsn, f"CREATE DATABASE {name} TEMPLATE {_templates[where]}")

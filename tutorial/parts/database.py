@@ -16,6 +16,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -320,3 +321,46 @@ def with_database(dsn: str, database: str) -> str:
 
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path="/" + database))
+
+
+# -- a chapter's schema: schema.sql, then its migrations (chapter 09 on) --------------------------
+def migrations_of(schema: Path) -> list[Path]:
+    """The migration files the chapter's migrate.py applies by default after `schema`, in order;
+    none before chapter 09."""
+    if not (schema.parent / "migrate.py").exists():
+        return []
+    return sorted((schema.parent / "migrations").glob("*.sql"))
+
+
+def schema_text(schema: Path | None) -> str:
+    """Everything that makes the chapter's schema, as one text: what a template is keyed on."""
+    if schema is None:
+        return ""
+    return "\n".join(p.read_text() for p in [schema, *migrations_of(schema)])
+
+
+def load_schema(dsn: str, schema: Path) -> str:
+    """The one way a chapter's schema is made, for the tests, `make run` and `make fleet`: its
+    schema.sql (what the database held before chapter 09), then, where the chapter has them, its
+    migrations, applied by its own migrate.py as a deploy would. What migrate.py printed.
+
+    schema.sql is the baseline: once a database has been migrated, only migrations change it
+    (after deploy 2 the baseline's own INSERT would name a column that is gone)."""
+    if not migrations_of(schema):
+        execute(dsn, schema.read_text())
+        return ""
+    if not execute(dsn, "SELECT to_regclass('schema_migrations')").strip():
+        execute(dsn, schema.read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATABASE_")}
+    result = subprocess.run(
+        [sys.executable, "migrate.py"],
+        cwd=schema.parent,
+        env={**env, "DATABASE_URL": dsn},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode != 0:
+        raise DatabaseError(f"migrate.py failed: {output}")
+    return output
