@@ -42,6 +42,16 @@ SAMPLE_USER = {
     "balance": "1815.12",
     "created_at": "2026-06-26T09:30:00+00:00",
 }
+FIRST_DISPLAY_NAME_CHAPTER = 9  # its migrations add display_name, and its code serves it for name
+
+
+def sample_user(chapter: manifest.Chapter) -> dict:
+    """SAMPLE_USER as `chapter` serves it."""
+    if chapter.index < FIRST_DISPLAY_NAME_CHAPTER:
+        return SAMPLE_USER
+    user = dict(SAMPLE_USER)
+    user["display_name"] = user.pop("name")
+    return user
 
 
 def missing(what: str, how: str) -> None:
