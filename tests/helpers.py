@@ -184,6 +184,64 @@ class UsersLock:
         await self.watch.close()
 
 
+class IdleInTransaction:
+    """A session that ran `sql` in a transaction and sits idle in it, holding that statement's
+    locks (a plain SELECT's ACCESS SHARE is enough to hold up an ALTER TABLE). A watcher
+    connection reports who waits on a lock: inside a transaction pg_stat_activity would show the
+    same snapshot every time."""
+
+    def __init__(self, dsn: str, sql: str = "SELECT id FROM users LIMIT 1"):
+        self.dsn, self.sql = dsn, sql
+
+    async def __aenter__(self) -> IdleInTransaction:
+        self.conn = await asyncpg.connect(self.dsn)
+        try:
+            self.watch = await asyncpg.connect(self.dsn)
+            self.tx = self.conn.transaction()
+            await self.tx.start()
+            await self.conn.execute(self.sql)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def lock_waiters(self, application_name: str | None = None) -> list[int]:
+        """The pids of sessions in this database waiting on a lock (of `application_name`)."""
+        rows = await self.watch.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND ($1::text IS NULL OR application_name = $1)",
+            application_name,
+        )
+        return [row["pid"] for row in rows]
+
+    async def wait_for_waiter(self, application_name: str | None = None) -> int:
+        """Until a session (of `application_name`) waits on a lock; its pid."""
+        found = await waiting.until_async(
+            lambda: self.lock_waiters(application_name),
+            timeout=20,
+            waiting_for=f"a session{f' of {application_name}' if application_name else ''} "
+            "to wait on a lock",
+        )
+        return found[0]
+
+    async def release(self) -> None:
+        if not self.conn.is_closed() and self.conn.is_in_transaction():
+            await self.tx.rollback()
+
+    async def __aexit__(self, *exc) -> None:
+        for conn in (getattr(self, "conn", None), getattr(self, "watch", None)):
+            if conn is not None and not conn.is_closed():
+                await conn.close()
+
+
+def read_log(path: Path) -> str:
+    """A log a process may still be writing; empty until it exists."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 class silent_server:
     """A TCP listener that accepts every connection and never sends a byte."""
 

@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -37,6 +36,7 @@ from tutorial.parts.database import (
     ensure_prefix_permissions,
     execute,
     load_schema,
+    run_migrate,
 )
 
 from . import budget
@@ -386,16 +386,8 @@ class Fleet:
     def migrate(self) -> tuple[int, str]:
         """The chapter's migrate.py on a direct connection to PostgreSQL, never through PgBouncer:
         its exit code and what it printed."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DATABASE_")}
-        result = subprocess.run(
-            [sys.executable, "migrate.py"],
-            cwd=self.chapter.folder,
-            env={**env, "DATABASE_URL": self.admin_dsn},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        return result.returncode, (result.stdout + result.stderr).strip()
+        result = run_migrate(self.chapter.folder, self.admin_dsn, timeout=300)
+        return result.returncode, result.stdout.strip()
 
     def still_listening(self) -> list[str]:
         """Replica addresses that still accept a connection: after stop(), there must be none."""

@@ -351,16 +351,43 @@ def load_schema(dsn: str, schema: Path) -> str:
         return ""
     if not execute(dsn, "SELECT to_regclass('schema_migrations')").strip():
         execute(dsn, schema.read_text())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DATABASE_")}
-    result = subprocess.run(
-        [sys.executable, "migrate.py"],
-        cwd=schema.parent,
-        env={**env, "DATABASE_URL": dsn},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    output = (result.stdout + result.stderr).strip()
+    result = run_migrate(schema.parent, dsn)
+    output = result.stdout.strip()
     if result.returncode != 0:
         raise DatabaseError(f"migrate.py failed: {output}")
     return output
+
+
+def migrate_env(dsn: str, **env: str) -> dict[str, str]:
+    """A chapter's migrate.py environment: DATABASE_URL and nothing else of ours that names a
+    database (no password file of the service's role)."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith("DATABASE_")}
+    return {**keep, "DATABASE_URL": dsn, **env}
+
+
+def start_migrate(folder: Path, dsn: str, log: Path, *args: str, **env: str) -> subprocess.Popen:
+    """`python migrate.py [args]` in the chapter `folder`, started, its output going to `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "migrate.py", *args],
+            cwd=folder,
+            env=migrate_env(dsn, **env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def run_migrate(
+    folder: Path, dsn: str, *args: str, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess:
+    """`python migrate.py [args]` in the chapter `folder`, to its end; stdout holds its output."""
+    return subprocess.run(
+        [sys.executable, "migrate.py", *args],
+        cwd=folder,
+        env=migrate_env(dsn, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
