@@ -28,6 +28,7 @@ from database import (
 )
 
 HERE = Path(__file__).parent
+# --8<-- [start:settings]
 NO_TRANSACTION = "-- migrate: no-transaction"
 LOCK_KEY = 9_0000_0009  # pg_try_advisory_lock's key: one run at a time
 LOCK_WAIT = 60.0  # seconds to wait for another run to finish
@@ -37,6 +38,7 @@ PAUSE = float(os.environ.get("MIGRATE_PAUSE", "2"))
 # For a file that forgets its own (squawk's require-timeout rules catch
 # that in CI), the session never waits unbounded.
 SAFETY = {"lock_timeout": "1s", "statement_timeout": "5s"}
+# --8<-- [end:settings]
 
 
 class Failed(Exception):
@@ -69,6 +71,7 @@ def statements(sql: str) -> list[str]:
     return code
 
 
+# --8<-- [start:lock]
 async def take_lock(conn) -> None:
     # Polled: a session blocked in pg_advisory_lock holds a snapshot that
     # the holder's CREATE INDEX CONCURRENTLY waits for, a deadlock.
@@ -86,6 +89,10 @@ async def take_lock(conn) -> None:
         await asyncio.sleep(0.2)
 
 
+# --8<-- [end:lock]
+
+
+# --8<-- [start:apply]
 async def apply(conn, path: Path) -> None:
     sql = path.read_text(encoding="utf-8")
     await conn.execute("RESET ALL")  # no file inherits the last's SETs
@@ -118,6 +125,10 @@ async def apply_with_retries(conn, path: Path) -> None:
             await asyncio.sleep(PAUSE)
 
 
+# --8<-- [end:apply]
+
+
+# --8<-- [start:migrate]
 async def migrate(folders: list[Path]) -> None:
     dsn, tls = connect_options(database_url())
     conn = await asyncpg.connect(
@@ -152,6 +163,9 @@ async def migrate(folders: list[Path]) -> None:
             say(f"applied {path.stem} in {took:.2f} s")
     finally:
         await conn.close()  # and with it the session's advisory lock
+
+
+# --8<-- [end:migrate]
 
 
 def main(argv: list[str]) -> int:

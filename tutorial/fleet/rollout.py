@@ -537,8 +537,9 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
         fleet.stop()
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.setup}.json").write_text(json.dumps(result, indent=1) + "\n")
-    chart(result, out / f"{args.setup}.png")
+    stem = f"{args.setup}-migrate" if args.migrate else args.setup
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    chart(result, out / f"{stem}.png")
     if result["failed"]:
         say(
             "failed by kind: "
@@ -546,7 +547,7 @@ def main(argv: list[str]) -> int:
         )
     if result["stopped"]:
         say(result["stopped"])
-    say(f"report: {out / (args.setup + '.json')}, chart: {out / (args.setup + '.png')}")
+    say(f"report: {out / (stem + '.json')}, chart: {out / (stem + '.png')}")
     print(last_line(result), flush=True)
     return 1 if result["failed"] or result["stopped"] else 0
 
