@@ -272,6 +272,16 @@ class silent_server:
 
 
 # -- a running chapter -----------------------------------------------------------------------------
+def answering(running, path: str = "/ready", timeout: float = 30):
+    """`running` once it answers `path` with 200; closed if it never does. The caller stops it."""
+    try:
+        running.wait_until(path, timeout=timeout)
+    except BaseException:
+        running.close()
+        raise
+    return running
+
+
 def wait_for_lines(
     running, needle: str, count: int, timeout: float = 20.0, why: str = ""
 ) -> list[str]:
