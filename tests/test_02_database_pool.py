@@ -254,8 +254,13 @@ def says_the_database_is_away(code: int, output: str) -> None:
 
 
 def column_reader_dsn(pg, database: str) -> str:
-    """A DSN for a role that may read every column of users but password_hash."""
-    columns = "id, public_id, name, email, balance, created_at"
+    """A DSN for a role that may read every column of users but password_hash (whichever the
+    chapter's schema has: chapter 09's migrations add display_name)."""
+    columns = execute(
+        pg.dsn(database),
+        "SELECT string_agg(column_name, ', ') FROM information_schema.columns "
+        "WHERE table_name = 'users' AND column_name <> 'password_hash'",
+    ).strip()
     execute(
         pg.admin_dsn,
         "DO $$ BEGIN CREATE ROLE column_reader LOGIN PASSWORD 'column_reader'; "

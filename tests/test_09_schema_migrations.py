@@ -21,7 +21,7 @@ from helpers import IdleInTransaction, answering, read_log, sample_user
 from tutorial.fleet import rollout
 from tutorial.maintenance import squawk
 from tutorial.parts import process, waiting
-from tutorial.parts.database import run_migrate, start_migrate
+from tutorial.parts.database import execute, run_migrate, start_migrate
 
 # A lookup that takes longer than this is an outage. Generous for a busy machine: the runner's
 # lock_timeout (1 s) is the longest a lookup may queue behind its ALTER.
@@ -361,7 +361,12 @@ def test_squawk_passes_every_chapter_migration():
     assert result.returncode == 0, result.stdout
 
 
-def test_squawk_fails_an_index_built_without_concurrently_and_a_missing_timeout(tmp_path):
+def test_squawk_fails_an_index_built_without_concurrently_and_passes_the_runners_way(
+    chapter, db_url, tmp_path
+):
+    """The blocking CREATE INDEX fails the lint with its rules' names. The way the runner takes
+    instead passes it, and the runner applies it: outside a transaction, one statement at a time,
+    safe to run again after a failed build left an invalid index."""
     bad = tmp_path / "0005_users_email_lower.sql"
     bad.write_text("CREATE INDEX users_email_lower ON users (lower(email));\n")
     result = squawk.lint([bad])
@@ -372,9 +377,20 @@ def test_squawk_fails_an_index_built_without_concurrently_and_a_missing_timeout(
         "require-lock-timeout",
         "require-statement-timeout",
     }, result.stdout
-    fixed = tmp_path / "0005_fixed.sql"
-    fixed.write_text(
+    fixed = one_migration(
+        tmp_path,
+        "0005_users_email_lower.sql",
         "-- migrate: no-transaction\nSET lock_timeout = '1s';\nSET statement_timeout = '60s';\n"
-        "CREATE INDEX CONCURRENTLY IF NOT EXISTS users_email_lower ON users (lower(email));\n"
+        "DROP INDEX CONCURRENTLY IF EXISTS users_email_lower;\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS users_email_lower\n"
+        "    ON users (lower(email));\n",
     )
-    assert squawk.lint([fixed]).returncode == 0, squawk.lint([fixed]).stdout
+    linted = squawk.lint(sorted(fixed.glob("*.sql")))
+    assert linted.returncode == 0, linted.stdout
+    ran = run_migrate(chapter.folder, db_url, str(fixed))
+    assert ran.returncode == 0 and "applied 0005_users_email_lower" in ran.stdout, ran.stdout
+    valid = execute(
+        db_url,
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'users_email_lower'::regclass",
+    )
+    assert valid.strip() == "t"

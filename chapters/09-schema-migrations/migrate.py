@@ -54,21 +54,14 @@ def statements(sql: str) -> list[str]:
     together, they would run as one implicit transaction."""
     found, lines, quoted = [], [], False
     for line in sql.splitlines():
+        if not lines and (not line.strip() or line.startswith("--")):
+            continue  # a comment between statements
         lines.append(line)
         quoted ^= line.count("$$") % 2 == 1
         if not quoted and line.rstrip().endswith(";"):
             found.append("\n".join(lines))
             lines = []
-    found.append("\n".join(lines))
-    code = [
-        s
-        for s in found
-        if any(
-            ln.strip() and not ln.strip().startswith("--")
-            for ln in s.splitlines()
-        )
-    ]
-    return code
+    return found + (["\n".join(lines)] if lines else [])
 
 
 # --8<-- [start:lock]
