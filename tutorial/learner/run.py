@@ -137,7 +137,8 @@ def migrate(chapter: chapters.Chapter) -> int:
     finally:
         if server:
             server.stop()
-    say(f"migrated: DATABASE_URL={database_url}")
+    where = f"make run's database in {DATA_DIR}" if server else database_url
+    say(f"migrated {where}")
     return 0
 
 
