@@ -15,6 +15,7 @@ ARGS    ?=
 JOBS    ?= auto
 EVERY_CHAPTER ?=
 RUNS    ?= 3
+MIGRATE ?=
 export PORT
 # Named on the command line or in the environment, PYTHON must be the one .venv was made with.
 EXPLICIT := $(if $(filter default,$(origin PYTHON)),0,1)
@@ -23,7 +24,7 @@ VENV_DEV := @bash tutorial/maintenance/venv.sh '$(PYTHON)' $(EXPLICIT) dev
 # Material for MkDocs prints a notice about its future in every build; MAINTAINING.md records it.
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: help run test soak check docs bench fleet rollout lint pins freshness clean
+.PHONY: help run migrate test soak check docs bench fleet rollout lint pins freshness clean
 
 help:
 	@echo "make run   [CHAPTER=NN] [PORT=8080]   run a chapter (default: the last) against a local PostgreSQL"
@@ -34,7 +35,9 @@ help:
 	@echo "make bench                            measure the service (see bench/README.md)"
 	@echo "make fleet  [CHAPTER=07] [PORT=8080]  a chapter from 07 on as a fleet: PostgreSQL, PgBouncer, replicas, HAProxy"
 	@echo "make rollout [SETUP=article] [CHAPTER=07]  a rolling deploy under load: of a running make fleet, or of its own"
-	@echo "make lint                             ruff check and ruff format --check on the whole tree"
+	@echo "make rollout CHAPTER=09 MIGRATE=1     a deploy with its migration: chapter 08's fleet, migrate, then roll"
+	@echo "make migrate [CHAPTER=09]             a chapter's migrations, once, against DATABASE_URL or make run's database"
+	@echo "make lint                             ruff, and squawk over every chapter's migrations"
 	@echo "make pins [UPGRADE=1]                 rewrite the hashed locks from requirements*.txt"
 	@echo "make freshness                        the suite against the newest aiohttp, asyncpg, gunicorn, uvloop"
 	@echo "Any of them takes PYTHON=python3.12 to build .venv with another Python (3.11 to 3.13)."
@@ -42,6 +45,10 @@ help:
 run:
 	$(VENV_RUN)
 	@$(PY) -m tutorial.learner.run $(CHAPTER)
+
+migrate:
+	$(VENV_RUN)
+	@$(PY) -m tutorial.learner.run --migrate $(CHAPTER)
 
 # pytest's own temp root (/tmp/pytest-of-$USER) is reset to 0700 by any pytest run on the machine,
 # and PostgreSQL runs as another user inside it: each run gets a folder of its own, removed after.
@@ -73,12 +80,13 @@ fleet:
 
 rollout:
 	$(VENV_DEV)
-	@$(PY) -m tutorial.fleet.rollout $(if $(SETUP),--setup $(SETUP)) $(if $(CHAPTER),--chapter $(CHAPTER))
+	@$(PY) -m tutorial.fleet.rollout $(if $(SETUP),--setup $(SETUP)) $(if $(CHAPTER),--chapter $(CHAPTER)) $(if $(MIGRATE),--migrate)
 
 lint:
 	$(VENV_DEV)
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check .
+	@$(PY) -m tutorial.maintenance.squawk
 
 # The dev lock first; the other two are constrained by it, so a pin has one version in all three.
 # Without UPGRADE=1 every pin already in a lock is kept: the locks change only where a

@@ -202,6 +202,13 @@ def db_url(pg, db_name) -> str:
     return pg.dsn(db_name)
 
 
+@pytest.fixture
+def baseline_url(pg) -> str:
+    """A fresh database holding only schema.sql, as the deploy before chapter 09's left it: the
+    migrations not yet run."""
+    return pg.dsn(fresh_database(pg, manifest.get("08").schema))
+
+
 # -- the app, in process and as a learner runs it --------------------------------------------------
 @pytest.fixture
 async def client(aiohttp_client, app_module, chapter, monkeypatch, request):

@@ -29,7 +29,7 @@ import pytest
 from tutorial import chapters as manifest
 from tutorial.learner.expect import last_lines
 from tutorial.parts import process, waiting
-from tutorial.parts.database import DatabaseError, execute
+from tutorial.parts.database import DatabaseError, execute, load_schema, schema_text
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -49,6 +49,16 @@ SAMPLE_USER = {
     "balance": "1815.12",
     "created_at": "2026-06-26T09:30:00+00:00",
 }
+FIRST_DISPLAY_NAME_CHAPTER = 9  # its migrations add display_name, and its code serves it for name
+
+
+def sample_user(chapter: manifest.Chapter) -> dict:
+    """SAMPLE_USER as `chapter` serves it."""
+    if chapter.index < FIRST_DISPLAY_NAME_CHAPTER:
+        return SAMPLE_USER
+    user = dict(SAMPLE_USER)
+    user["display_name"] = user.pop("name")
+    return user
 
 
 def missing(what: str, how: str) -> None:
@@ -91,15 +101,14 @@ _counter = itertools.count(1)
 def fresh_database(server, schema: Path | None) -> str:
     """The name of a new database on `server` (the session's `pg`, or a server a test owns), cloned
     from a template that already holds the schema and its sample rows."""
-    sql = schema.read_text() if schema else ""
-    key = hashlib.sha1(sql.encode()).hexdigest()[:12]
+    key = hashlib.sha1(schema_text(schema).encode()).hexdigest()[:12]
     # A server of a test's own has a data folder of its own; the external one has only its DSN.
     where = (str(getattr(server, "data_dir", server.admin_dsn)), key)
     if where not in _templates:
         template = f"tpl_{key}"
         execute(server.admin_dsn, f"DROP DATABASE IF EXISTS {template}; CREATE DATABASE {template}")
-        if sql:
-            execute(server.dsn(template), sql)
+        if schema:
+            load_schema(server.dsn(template), schema)
         _templates[where] = template
     name = f"t{os.getpid()}_{next(_counter)}"
     execute(server.admin_dsn, f"CREATE DATABASE {name} TEMPLATE {_templates[where]}")
@@ -182,6 +191,64 @@ class UsersLock:
         await self.watch.close()
 
 
+class IdleInTransaction:
+    """A session that ran `sql` in a transaction and sits idle in it, holding that statement's
+    locks (a plain SELECT's ACCESS SHARE is enough to hold up an ALTER TABLE). A watcher
+    connection reports who waits on a lock: inside a transaction pg_stat_activity would show the
+    same snapshot every time."""
+
+    def __init__(self, dsn: str, sql: str = "SELECT id FROM users LIMIT 1"):
+        self.dsn, self.sql = dsn, sql
+
+    async def __aenter__(self) -> IdleInTransaction:
+        self.conn = await asyncpg.connect(self.dsn)
+        try:
+            self.watch = await asyncpg.connect(self.dsn)
+            self.tx = self.conn.transaction()
+            await self.tx.start()
+            await self.conn.execute(self.sql)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def lock_waiters(self, application_name: str | None = None) -> list[int]:
+        """The pids of sessions in this database waiting on a lock (of `application_name`)."""
+        rows = await self.watch.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND ($1::text IS NULL OR application_name = $1)",
+            application_name,
+        )
+        return [row["pid"] for row in rows]
+
+    async def wait_for_waiter(self, application_name: str | None = None) -> int:
+        """Until a session (of `application_name`) waits on a lock; its pid."""
+        found = await waiting.until_async(
+            lambda: self.lock_waiters(application_name),
+            timeout=20,
+            waiting_for=f"a session{f' of {application_name}' if application_name else ''} "
+            "to wait on a lock",
+        )
+        return found[0]
+
+    async def release(self) -> None:
+        if not self.conn.is_closed() and self.conn.is_in_transaction():
+            await self.tx.rollback()
+
+    async def __aexit__(self, *exc) -> None:
+        for conn in (getattr(self, "conn", None), getattr(self, "watch", None)):
+            if conn is not None and not conn.is_closed():
+                await conn.close()
+
+
+def read_log(path: Path) -> str:
+    """A log a process may still be writing; empty until it exists."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 class silent_server:
     """A TCP listener that accepts every connection and never sends a byte."""
 
@@ -212,6 +279,16 @@ class silent_server:
 
 
 # -- a running chapter -----------------------------------------------------------------------------
+def answering(running, path: str = "/ready", timeout: float = 30):
+    """`running` once it answers `path` with 200; closed if it never does. The caller stops it."""
+    try:
+        running.wait_until(path, timeout=timeout)
+    except BaseException:
+        running.close()
+        raise
+    return running
+
+
 def wait_for_lines(
     running, needle: str, count: int, timeout: float = 20.0, why: str = ""
 ) -> list[str]:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import SAMPLE_USER, gunicorn_stop_seconds, missing
+from helpers import gunicorn_stop_seconds, missing, sample_user
 
 from tutorial import chapters as manifest
 from tutorial.parts.docker_engine import dockerfile_arg, in_parallel, run_container
@@ -118,7 +118,7 @@ def test_container_serves_runs_three_workers_as_non_root_and_stops_cleanly(
         in_parallel(lambda c: c.wait_until("/health"), containers)
         for container in containers:
             status, body = container.get("/users/1")
-            assert status == 200 and json.loads(body) == SAMPLE_USER, body
+            assert status == 200 and json.loads(body) == sample_user(chapter), body
             if chapter.index >= 6:
                 assert container.get("/ready") == (200, '{"status": "ready"}')
 

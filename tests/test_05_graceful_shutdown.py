@@ -16,7 +16,7 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import SAMPLE_USER, UsersLock, read_until_closed, send_request, wait_for_lines
+from helpers import UsersLock, read_until_closed, sample_user, send_request, wait_for_lines
 
 from tutorial.parts import waiting
 from tutorial.parts.process import free_port, get, start
@@ -87,7 +87,7 @@ async def test_sigterm_lets_a_request_in_flight_finish(chapter, pg, db_name):
             code = await asyncio.to_thread(running.proc.wait, 20)
             output = running.output()
 
-        assert status == 200 and json.loads(body) == SAMPLE_USER
+        assert status == 200 and json.loads(body) == sample_user(chapter)
         assert code == 0, output
         [served_at] = [
             i for i, line in enumerate(output.splitlines()) if '"GET /users/1 HTTP/1.1" 200' in line

@@ -24,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from helpers import (
+    answering,
     end_process_tree,
     launch,
     make_rollout,
@@ -70,13 +71,7 @@ def refusal_of(chapter, url: str | None, **env: str) -> str:
 
 def served(chapter, url: str, **env: str):
     """A started chapter that answers /ready 200; the caller stops it."""
-    running = start(chapter, url, **env)
-    try:
-        running.wait_until("/ready", timeout=30)
-    except BaseException:
-        running.close()
-        raise
-    return running
+    return answering(start(chapter, url, **env))
 
 
 @pytest.fixture
@@ -478,6 +473,7 @@ ACCEPTED = {
         "CKV2_K8S_6": "chapter 07 has no NetworkPolicy; chapter 08 adds them",
     },
     "08-managed-database": {},
+    "09-schema-migrations": {},
 }
 
 

@@ -80,13 +80,16 @@ def test_pre_commit_runs_the_pinned_ruff():
 
 def test_ci_lints_the_tree_and_runs_freshness_weekly():
     """.ci/run and the workflow's lint job run ruff check and ruff format --check on the whole
-    tree; the scheduled freshness job keeps its report as an artifact."""
+    tree, and squawk over every migration; the scheduled freshness job keeps its report as an
+    artifact."""
     assert "make lint" in (ROOT / ".ci" / "run").read_text()
     make = subprocess.run(["make", "-n", "lint"], cwd=ROOT, capture_output=True, text=True)
     assert "ruff check ." in make.stdout and "ruff format --check ." in make.stdout, make.stdout
+    assert "-m tutorial.maintenance.squawk" in make.stdout, make.stdout
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
     runs = [s.get("run", "") for s in workflow["jobs"]["lint"]["steps"]]
     assert any(r.startswith("ruff check") for r in runs) and "ruff format --check ." in runs
+    assert "python -m tutorial.maintenance.squawk" in runs
     assert workflow[True]["schedule"], "no schedule: yaml reads `on` as True"
     fresh = workflow["jobs"]["freshness"]
     assert "schedule" in fresh["if"]

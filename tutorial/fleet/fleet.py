@@ -30,7 +30,14 @@ import psutil
 
 from tutorial import chapters
 from tutorial.parts import process, tls_postgres
-from tutorial.parts.database import LocalPostgres, as_root, ensure_prefix_permissions, execute
+from tutorial.parts.database import (
+    LocalPostgres,
+    as_root,
+    ensure_prefix_permissions,
+    execute,
+    load_schema,
+    run_migrate,
+)
 
 from . import budget
 from .haproxy import HAProxy
@@ -60,10 +67,14 @@ class Fleet:
         port: int = 8080,
         graceful_timeout: int | None = None,
         chapter: str = CHAPTER,
+        migrating: bool = False,
         say=print,
     ):
         self.runtime = Path(runtime)
         self.chapter = chapters.get(chapter)
+        # The code the replicas run. A rollout that includes the chapter's migrations starts
+        # from the previous chapter's code and schema, as the deploy before it left them.
+        self.code = self.chapter.previous if migrating else self.chapter
         self.tls = self.chapter.index >= FIRST_TLS_CHAPTER
         self.numbers = budget.load(self.chapter.folder)
         self.replica_count = replicas or self.numbers.replicas
@@ -199,6 +210,7 @@ class Fleet:
         self.graceful_timeout, self._names = state["graceful_timeout"], state["names"]
         # The chapter make fleet runs, whatever this run was asked for.
         self.chapter = chapters.get(state.get("chapter", CHAPTER))
+        self.code = self.chapter
         self.tls = self.chapter.index >= FIRST_TLS_CHAPTER
         self.numbers = budget.load(self.chapter.folder)
         if self.tls:
@@ -300,7 +312,7 @@ class Fleet:
             self.postgres.dsn(), f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"
         ).strip():
             execute(self.postgres.dsn(), f"CREATE DATABASE {DATABASE}")
-        execute(self.admin_dsn, self.chapter.schema.read_text())
+        load_schema(self.admin_dsn, self.code.schema)
         if self.tls:
             execute(
                 self.admin_dsn,
@@ -370,6 +382,12 @@ class Fleet:
                     return f"{replica.name} not ready after {timeout:.0f} s"
                 time.sleep(probe.period)
         return None
+
+    def migrate(self) -> tuple[int, str]:
+        """The chapter's migrate.py on a direct connection to PostgreSQL, never through PgBouncer:
+        its exit code and what it printed."""
+        result = run_migrate(self.chapter.folder, self.admin_dsn, timeout=300)
+        return result.returncode, result.stdout.strip()
 
     def still_listening(self) -> list[str]:
         """Replica addresses that still accept a connection: after stop(), there must be none."""

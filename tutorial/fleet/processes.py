@@ -105,12 +105,13 @@ class Part:
 
 
 class Replica(Part):
-    """The fleet's chapter with its documented command, bound to its own loopback address."""
+    """The fleet's code (its chapter, or the one before it until a migrating rollout has
+    migrated) with its documented command, bound to its own loopback address."""
 
     def __init__(self, fleet: Fleet, slot: int, name: str, **env: str):
         self.slot, self.address, self.port = slot, fleet.slot_address(slot), fleet.app_port
         self.url = f"http://{self.address}:{self.port}"
-        chapter = fleet.chapter
+        chapter = fleet.code
         args = f"--bind {self.address}:{self.port}"
         if fleet.graceful_timeout is not None:
             args += f" --graceful-timeout {fleet.graceful_timeout}"

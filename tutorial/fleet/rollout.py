@@ -63,6 +63,7 @@ class Load:
         ] = []  # (start, seconds, "ok" or a failure kind)
         self.pg: list[tuple[float, int]] = []
         self.statuses: collections.Counter = collections.Counter()  # HTTP statuses that came back
+        self.fields: list[tuple[float, str]] = []  # (start, "name" or "display_name") of each 200
         self._stop = threading.Event()
         self._running = threading.Event()  # the loop and session burst() sends on are up
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -119,8 +120,11 @@ class Load:
         began = time.monotonic()
         try:
             async with session.get(self.url) as response:
-                await response.read()
+                body = await response.read()
                 self.statuses[response.status] += 1
+                if response.status == 200:  # old code serves name, chapter 09's display_name
+                    field = "display_name" if b'"display_name"' in body else "name"
+                    self.fields.append((round(began - self.started, 4), field))
                 kind = (
                     "ok" if response.status == 200 else "5xx" if response.status >= 500 else "other"
                 )
@@ -172,6 +176,7 @@ class Rollout:
         self.surge_env = surge_env or {}
         self.events: list[dict] = []
         self.stopped: str | None = None
+        self.migration: dict | None = None  # what migrate.py did, when the rollout ran it
         self.pending, self.terminating = (
             [],
             [],
@@ -185,6 +190,22 @@ class Rollout:
         self.say(f"{at:6.1f}s  {name}: {event}")
         if self.on_event:
             self.on_event(name, event)
+
+    def migrate(self) -> bool:
+        """A team's order: the new chapter's migrations once, on a direct connection, while the
+        old replicas serve; only then the new code. False (and nothing replaced) if it failed."""
+        self.mark("migrate.py", f"chapter {self.fleet.chapter.number}'s migrations started")
+        began = time.monotonic()
+        code, output = self.fleet.migrate()
+        took = round(time.monotonic() - began, 2)
+        for line in output.splitlines():
+            self.mark("migrate.py", line.removeprefix("migrate: "))
+        self.migration = {"exit": code, "s": took, "output": output}
+        if code != 0:
+            self.stopped = "migration failed: no replica was replaced"
+            return False
+        self.fleet.code = self.fleet.chapter  # the surges run the new code
+        return True
 
     def run(self) -> None:
         threads = []
@@ -303,6 +324,16 @@ def report(rollout: Rollout, load: Load, began: float, ended: float) -> dict:
         "postgres_connections_max": max((c for _, c in load.pg), default=0),
         "postgres_connections_budget": n.server_pool,
         "stopped": rollout.stopped,
+        "migration": rollout.migration,
+        "served": {
+            field: {
+                "count": len(at),
+                "first_s": round(min(at), 2) if at else None,
+                "last_s": round(max(at), 2) if at else None,
+            }
+            for field in ("name", "display_name")
+            for at in [[t for t, f in load.fields if f == field]]
+        },
         "events": rollout.events,
         "timeline": timeline,
     }
@@ -373,6 +404,7 @@ def rehearse(
     progress_deadline: float | None = None,
     surge_env: dict | None = None,
     baseline: float = BASELINE,
+    migrate: bool = False,
     say=say,
     on_event=None,
 ) -> dict:
@@ -394,7 +426,8 @@ def rehearse(
         progress.start()
         time.sleep(baseline)
         began = load.now()
-        rollout.run()
+        if not migrate or rollout.migrate():
+            rollout.run()
         ended = load.now()
         time.sleep(AFTER)
     finally:
@@ -430,6 +463,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "own chapter wins",
     )
     parser.add_argument(
+        "--migrate",
+        action="store_true",
+        default=os.environ.get("MIGRATE") == "1",
+        help="a deploy with its migration: a fleet of the chapter before, the chapter's "
+        "migrate.py, then the rollout to the chapter (09 or later)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -451,7 +491,10 @@ def main(argv: list[str]) -> int:
     out = args.out or runtime_dir().parent / "rollout"
     graceful = ARTICLE["graceful_timeout"] if args.setup == "article" else None
     fleet = Fleet(runtime_dir(), port=port, chapter=args.chapter, say=say)
-    attached = fleet.adopt()
+    if args.migrate and not (fleet.chapter.folder / "migrate.py").exists():
+        say(f"chapter {fleet.chapter.number} has no migrations: MIGRATE=1 starts at 09")
+        return 1
+    attached = not args.migrate and fleet.adopt()
     if attached:
         say(f"taking over the make fleet running on localhost:{port} (pid {fleet.owner})")
         fleet.graceful_timeout = graceful or fleet.graceful_timeout  # for the replicas it starts
@@ -461,6 +504,7 @@ def main(argv: list[str]) -> int:
             port=port,
             graceful_timeout=graceful,
             chapter=args.chapter,
+            migrating=args.migrate,
             say=say,
         )
 
@@ -478,7 +522,7 @@ def main(argv: list[str]) -> int:
             f"{args.rate} requests/s through "
             f"localhost:{port}"
         )
-        result = rehearse(fleet, args.setup, rate=args.rate)
+        result = rehearse(fleet, args.setup, rate=args.rate, migrate=args.migrate)
     except KeyboardInterrupt:
         if attached and getattr(fleet, "rollout", None):
             fleet.rollout.abandon()
@@ -493,8 +537,9 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
         fleet.stop()
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.setup}.json").write_text(json.dumps(result, indent=1) + "\n")
-    chart(result, out / f"{args.setup}.png")
+    stem = f"{args.setup}-migrate" if args.migrate else args.setup
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    chart(result, out / f"{stem}.png")
     if result["failed"]:
         say(
             "failed by kind: "
@@ -502,7 +547,7 @@ def main(argv: list[str]) -> int:
         )
     if result["stopped"]:
         say(result["stopped"])
-    say(f"report: {out / (args.setup + '.json')}, chart: {out / (args.setup + '.png')}")
+    say(f"report: {out / (stem + '.json')}, chart: {out / (stem + '.png')}")
     print(last_line(result), flush=True)
     return 1 if result["failed"] or result["stopped"] else 0
 

