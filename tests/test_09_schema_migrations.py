@@ -187,12 +187,12 @@ async def test_two_runners_at_once_apply_each_migration_exactly_once(
                 stop(runner)
     outputs = "".join(read_log(log) for log in logs)
     assert codes == [0, 0], outputs
-    for version in ("0001_users_display_name", "0002_users_display_name_backfill"):
+    for version in ("0001_users_display_name", "0002_backfill_display_name"):
         assert outputs.count(f"applied {version}") == 1, outputs
     assert "nothing to do: all 2 migrations applied" in outputs
     assert await applied(baseline_url) == [
         "0001_users_display_name",
-        "0002_users_display_name_backfill",
+        "0002_backfill_display_name",
     ]
 
 
@@ -228,7 +228,7 @@ async def test_a_runner_killed_mid_migration_leaves_a_state_the_next_run_complet
     assert again.returncode == 0 and "Traceback" not in again.stdout, again.stdout
     assert await applied(baseline_url) == [
         "0001_users_display_name",
-        "0002_users_display_name_backfill",
+        "0002_backfill_display_name",
     ], f"after a kill in {blocked}"
     conn = await asyncpg.connect(baseline_url)
     try:
@@ -354,7 +354,7 @@ def test_squawk_passes_every_chapter_migration():
     files = squawk.migrations()
     assert {f.name for f in files} >= {
         "0001_users_display_name.sql",
-        "0002_users_display_name_backfill.sql",
+        "0002_backfill_display_name.sql",
         "0004_users_drop_name.sql",
     }
     result = squawk.lint(files)
