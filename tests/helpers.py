@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import importlib.util
 import itertools
+import json
 import os
 import re
 import signal
@@ -205,14 +206,36 @@ class silent_server:
 
 
 # -- a running chapter -----------------------------------------------------------------------------
+def json_record(line: str) -> dict | None:
+    """A log line as chapter 10 on writes it (one JSON object), or None for a line of text."""
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "message" in record else None
+
+
+def message_of(line: str) -> str:
+    """What a log line says: a JSON line's message (and its traceback, if any); a text line as it
+    is. Tests that read a message work on either chapter."""
+    record = json_record(line)
+    if record is None:
+        return line
+    return record["message"] + (f"\n{record['exc_info']}" if record.get("exc_info") else "")
+
+
 def wait_for_lines(
     running, needle: str, count: int, timeout: float = 20.0, why: str = ""
 ) -> list[str]:
-    """The chapter's log lines containing `needle`, once there are at least `count` of them; else an
-    AssertionError in words, which `make check` prints as the reason."""
+    """The chapter's log lines containing `needle`, once there are at least `count` of them (for a
+    JSON line, its message); else an AssertionError in words, which `make check` prints as the
+    reason."""
 
     def lines() -> list[str]:
-        return [line for line in running.output().splitlines() if needle in line]
+        messages = (message_of(line) for line in running.output().splitlines())
+        return [message for message in messages if needle in message]
 
     try:
         return waiting.until(
@@ -237,10 +260,16 @@ def gunicorn_stop_seconds(log: str) -> float:
     itself takes on a busy machine."""
     at = {}
     for line in log.splitlines():
-        found = GUNICORN_LINE.match(line)
-        if found and found["message"] in ("Handling signal: term", "Shutting down: Master"):
-            when = datetime.datetime.strptime(found["at"], "%Y-%m-%d %H:%M:%S %z")
-            at.setdefault(found["message"], when)
+        record = json_record(line)
+        if record is not None:  # chapter 10 on: its own time stamp, to the microsecond
+            message, stamp = record["message"], record.get("time")
+            when = datetime.datetime.fromisoformat(stamp) if stamp else None
+        else:
+            found = GUNICORN_LINE.match(line)
+            message = found["message"] if found else None
+            when = found and datetime.datetime.strptime(found["at"], "%Y-%m-%d %H:%M:%S %z")
+        if when and message in ("Handling signal: term", "Shutting down: Master"):
+            at.setdefault(message, when)
     assert len(at) == 2, f"no SIGTERM and master exit in the log:\n{log}"
     return (at["Shutting down: Master"] - at["Handling signal: term"]).total_seconds()
 

@@ -27,6 +27,7 @@ from helpers import (
     end_process_tree,
     launch,
     make_rollout,
+    message_of,
     missing,
     role_with_database,
     session_encryption,
@@ -62,7 +63,7 @@ def refusal_of(chapter, url: str | None, **env: str) -> str:
                 f"expected a refusal, it kept running: {running.output()}"
             ) from None
         output = running.output()
-    lines = [line.split("] ", 3)[-1] for line in output.splitlines() if REFUSAL in line]
+    lines = [message_of(line).split("] ", 3)[-1] for line in output.splitlines() if REFUSAL in line]
     assert code == 3 and "Traceback" not in output, f"exit {code}:\n{output}"
     assert len(lines) == 1 and "Booting worker" not in output, output
     return lines[0]

@@ -2,20 +2,7 @@
 
 import os
 
-# --8<-- [start:multiproc_env]
-# Chapter 10: prometheus_client picks its multiprocess mode once, when it
-# is first imported, so the folder is named before anything imports it.
-# Unset (or empty, which would mean this folder), each run makes its own.
-MADE_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if MADE_METRICS_DIR:
-    import tempfile
-
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
-        prefix="metrics-"
-    )
-# --8<-- [end:multiproc_env]
-
-import logs  # noqa: E402 - after the variable, like everything here
+import logs  # chapter 10; it imports no prometheus_client
 
 # --8<-- [start:app]
 # The factory, called once per worker. A bare 'app:create_app' is rejected
@@ -112,7 +99,7 @@ def on_starting(server):
     # Chapter 10: a metrics folder that is missing or read-only would lose
     # every count without a word.
     try:
-        prepare_metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        prepare_metrics_dir()
     except OSError as exc:
         server.log.critical("refusing to start: %s", exc)
         raise SystemExit(database.EXIT_NO_DATABASE) from None
@@ -142,23 +129,36 @@ def when_ready(server):
 
 
 # --8<-- [start:multiproc]
-# Chapter 10: the metrics folder's life, in the master.
-def prepare_metrics_dir(path: str) -> None:
-    """It must exist and take files; earlier runs' files go. An emptyDir
-    outlives a container's restart, and a new worker whose pid matches
-    an old file would read that process's counts back."""
+# Chapter 10: the metrics folder's life, in the master. on_starting runs
+# before anything imports prometheus_client, which picks its multiprocess
+# mode at that import; the workers, forked later, inherit the variable.
+made_metrics_dir = []  # the folder this master made, if it made one
+
+
+def prepare_metrics_dir() -> None:
+    """Unset (or empty, which would mean this folder), a folder of this
+    run's own. Named, it must exist and take files, and earlier runs'
+    files go: an emptyDir outlives a container's restart, and a worker
+    whose pid matches an old file would read that file's counts back."""
+    import tempfile
     from pathlib import Path
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise OSError(
-            f"PROMETHEUS_MULTIPROC_DIR={path}: no such directory; create "
-            "it (an emptyDir in Kubernetes) or point the variable at one"
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        path = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+            prefix="metrics-"
         )
+        made_metrics_dir.append(path)
+    folder = Path(path)
     probe = folder / f".probe-{os.getpid()}"
     try:
         probe.touch()
         probe.unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        raise OSError(
+            f"PROMETHEUS_MULTIPROC_DIR={path}: no such directory; create "
+            "it (an emptyDir in Kubernetes) or point the variable at one"
+        ) from None
     except OSError as exc:
         raise OSError(
             f"PROMETHEUS_MULTIPROC_DIR={path}: cannot write there "
@@ -177,10 +177,10 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if MADE_METRICS_DIR:  # ours alone; one that was named is left as is
-        import shutil
+    import shutil
 
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
+    for path in made_metrics_dir:  # ours alone; a named one is left as is
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # --8<-- [end:multiproc]
