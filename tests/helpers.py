@@ -217,25 +217,32 @@ def json_record(line: str) -> dict | None:
     return record if isinstance(record, dict) and "message" in record else None
 
 
-def message_of(line: str) -> str:
-    """What a log line says: a JSON line's message (and its traceback, if any); a text line as it
-    is. Tests that read a message work on either chapter."""
-    record = json_record(line)
-    if record is None:
-        return line
-    return record["message"] + (f"\n{record['exc_info']}" if record.get("exc_info") else "")
+def as_text(output: str) -> str:
+    """A chapter's output with each JSON line (chapter 10 on) in Gunicorn's own text layout,
+    `[time] [pid] [LEVEL] message`, its traceback on the lines after: the tests that read a log
+    read every chapter's the same way. Text lines pass as they are."""
+    lines = []
+    for line in output.splitlines():
+        record = json_record(line)
+        if record is None:
+            lines.append(line)
+            continue
+        when = datetime.datetime.fromisoformat(record["time"]).strftime("%Y-%m-%d %H:%M:%S %z")
+        lines.append(f"[{when}] [{record['pid']}] [{record['level']}] {record['message']}")
+        if record.get("exc_info"):
+            lines += record["exc_info"].splitlines()
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def wait_for_lines(
     running, needle: str, count: int, timeout: float = 20.0, why: str = ""
 ) -> list[str]:
-    """The chapter's log lines containing `needle`, once there are at least `count` of them (for a
-    JSON line, its message); else an AssertionError in words, which `make check` prints as the
+    """The chapter's log lines containing `needle` (JSON ones as text: as_text), once there are at
+    least `count` of them; else an AssertionError in words, which `make check` prints as the
     reason."""
 
     def lines() -> list[str]:
-        messages = (message_of(line) for line in running.output().splitlines())
-        return [message for message in messages if needle in message]
+        return [line for line in as_text(running.output()).splitlines() if needle in line]
 
     try:
         return waiting.until(
@@ -259,17 +266,11 @@ def gunicorn_stop_seconds(log: str) -> float:
     timestamps (whole seconds): how long the service took to stop, without the time `docker stop`
     itself takes on a busy machine."""
     at = {}
-    for line in log.splitlines():
-        record = json_record(line)
-        if record is not None:  # chapter 10 on: its own time stamp, to the microsecond
-            message, stamp = record["message"], record.get("time")
-            when = datetime.datetime.fromisoformat(stamp) if stamp else None
-        else:
-            found = GUNICORN_LINE.match(line)
-            message = found["message"] if found else None
-            when = found and datetime.datetime.strptime(found["at"], "%Y-%m-%d %H:%M:%S %z")
-        if when and message in ("Handling signal: term", "Shutting down: Master"):
-            at.setdefault(message, when)
+    for line in as_text(log).splitlines():
+        found = GUNICORN_LINE.match(line)
+        if found and found["message"] in ("Handling signal: term", "Shutting down: Master"):
+            when = datetime.datetime.strptime(found["at"], "%Y-%m-%d %H:%M:%S %z")
+            at.setdefault(found["message"], when)
     assert len(at) == 2, f"no SIGTERM and master exit in the log:\n{log}"
     return (at["Shutting down: Master"] - at["Handling signal: term"]).total_seconds()
 

@@ -24,10 +24,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from helpers import (
+    as_text,
     end_process_tree,
     launch,
     make_rollout,
-    message_of,
     missing,
     role_with_database,
     session_encryption,
@@ -63,7 +63,7 @@ def refusal_of(chapter, url: str | None, **env: str) -> str:
                 f"expected a refusal, it kept running: {running.output()}"
             ) from None
         output = running.output()
-    lines = [message_of(line).split("] ", 3)[-1] for line in output.splitlines() if REFUSAL in line]
+    lines = [line.split("] ", 3)[-1] for line in as_text(output).splitlines() if REFUSAL in line]
     assert code == 3 and "Traceback" not in output, f"exit {code}:\n{output}"
     assert len(lines) == 1 and "Booting worker" not in output, output
     return lines[0]
