@@ -407,6 +407,22 @@ def knobs_md(results: dict) -> str:
                 else "; their ranges overlap, so this run does not establish the gap."
             ),
         ]
+    if TUNED_W2 in by_key and PREVIOUS_W2 in by_key:
+        cells = []
+        for path, title in PATH_TITLES.items():
+            mine, before = (
+                rps_of(results["variants"], TUNED_W2, path),
+                rps_of(results["variants"], PREVIOUS_W2, path),
+            )
+            if mine and before:
+                apart = ranges_apart(results["variants"], TUNED_W2, PREVIOUS_W2, path)
+                cells.append(f"{title} at {'' if apart else '≈ '}{mine / before:.2f}×")
+        if cells:
+            lines += [
+                "",
+                f"This chapter against the one before it, both in the recommended setup "
+                f"(`{TUNED_W2}` ÷ `{PREVIOUS_W2}`): {', '.join(cells)} the req/s.",
+            ]
     if TUNED_W2 in by_key and DEFAULT_W2 in by_key:
         fast = (by_key[TUNED_W2]["summary"].get("stop_s") or {}).get("median")
         slow = (by_key[DEFAULT_W2]["summary"].get("stop_s") or {}).get("median")

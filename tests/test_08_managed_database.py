@@ -479,6 +479,7 @@ ACCEPTED = {
         "CKV2_K8S_6": "chapter 07 has no NetworkPolicy; chapter 08 adds them",
     },
     "08-managed-database": {},
+    "10-observability": {},  # the metrics port, its NetworkPolicy rule and a PodMonitor added
 }
 
 

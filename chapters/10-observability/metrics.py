@@ -110,12 +110,30 @@ POOL_SAMPLE_EVERY = 1.0  # seconds; Prometheus scrapes every 15 s or so
 # --8<-- [end:pool]
 
 
+# --8<-- [start:middleware]
+# Each label set's child, looked up once: labels() takes a lock and
+# builds a key every time, a cost paid per request otherwise.
+_counted: dict[tuple[str, str, str], Counter] = {}
+_timed: dict[str, Histogram] = {}
+
+
+def count(route: str, method: str, status: str, took: float) -> None:
+    key = (route, method, status)
+    counter = _counted.get(key) or _counted.setdefault(
+        key, REQUESTS.labels(*key)
+    )
+    counter.inc()
+    timer = _timed.get(route) or _timed.setdefault(
+        route, DURATION.labels(route)
+    )
+    timer.observe(took)
+
+
 def route_of(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return UNMATCHED if resource is None else resource.canonical
 
 
-# --8<-- [start:middleware]
 @web.middleware
 async def observe(request: web.Request, handler):
     """Each request's id, in its lines and its answer; its count and
@@ -138,8 +156,7 @@ async def observe(request: web.Request, handler):
         took = time.perf_counter() - start
         route = route_of(request)
         method = request.method if request.method in METHODS else "other"
-        REQUESTS.labels(route, method, f"{status // 100}xx").inc()
-        DURATION.labels(route).observe(took)
+        count(route, method, f"{status // 100}xx", took)
         if REQUEST_LOG == "all" or status >= 500 or took >= SLOW:
             log.info(
                 "%s %s %d in %.1f ms",
