@@ -24,7 +24,7 @@ RUN python -m pip install --no-cache-dir --require-hashes \
         -r requirements.lock
 
 # Declared late, so every chapter shares the layers above. Default: the last.
-ARG CHAPTER=09-schema-migrations
+ARG CHAPTER=10-observability
 COPY chapters/${CHAPTER}/ ./
 # Numeric, so a platform can check it is not root without reading /etc/passwd.
 USER 10001:10001

@@ -175,12 +175,13 @@ class Bench:
 
     def command(self, v: Variant, port: int) -> tuple[list[str], Path, dict]:
         if v.kind == "gunicorn":
+            chapter = self.chapter.previous if v.chapter == "previous" else self.chapter
             folder = (
-                servers.json_variant(self.chapter.folder, v.json, self.scratch)
+                servers.json_variant(chapter.folder, v.json, self.scratch)
                 if v.json
-                else self.chapter.folder
+                else chapter.folder
             )
-            argv = servers.gunicorn_argv(folder, self.chapter, v, self.scratch)
+            argv = servers.gunicorn_argv(folder, chapter, v, self.scratch)
             return (
                 argv,
                 folder,

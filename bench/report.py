@@ -16,6 +16,7 @@ from .variants import (
     BARE,
     DEFAULT_W2,
     NGINX_W2,
+    PREVIOUS_W2,
     ROOT_PATH,
     SINGLE,
     TUNED_W1,
@@ -339,6 +340,9 @@ KNOBS = [  # (variant, what it changes, compared with): the ratio is variant ÷ 
     (DEFAULT_W2, "a second worker, default setup", SINGLE),
     (TUNED_W2, "a second worker, recommended setup", TUNED_W1),
     (TUNED_W2, "the recommended setup against the default, 2 workers", DEFAULT_W2),
+    # Below 1.00x: what the measured chapter's own code costs against the chapter before it, both
+    # in the recommended setup (chapter 10: its JSON logs, request ids and metrics).
+    (TUNED_W2, "this chapter's additions, against the chapter before", PREVIOUS_W2),
 ]
 
 
@@ -403,6 +407,22 @@ def knobs_md(results: dict) -> str:
                 else "; their ranges overlap, so this run does not establish the gap."
             ),
         ]
+    if TUNED_W2 in by_key and PREVIOUS_W2 in by_key:
+        cells = []
+        for path, title in PATH_TITLES.items():
+            mine, before = (
+                rps_of(results["variants"], TUNED_W2, path),
+                rps_of(results["variants"], PREVIOUS_W2, path),
+            )
+            if mine and before:
+                apart = ranges_apart(results["variants"], TUNED_W2, PREVIOUS_W2, path)
+                cells.append(f"{title} at {'' if apart else '≈ '}{mine / before:.2f}×")
+        if cells:
+            lines += [
+                "",
+                f"This chapter against the one before it, both in the recommended setup "
+                f"(`{TUNED_W2}` ÷ `{PREVIOUS_W2}`): {', '.join(cells)} the req/s.",
+            ]
     if TUNED_W2 in by_key and DEFAULT_W2 in by_key:
         fast = (by_key[TUNED_W2]["summary"].get("stop_s") or {}).get("median")
         slow = (by_key[DEFAULT_W2]["summary"].get("stop_s") or {}).get("median")

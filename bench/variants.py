@@ -41,6 +41,9 @@ class Variant:
     fast_stop: bool | None = None  # SIGTERM wakes aiohttp's worker at once (servers.SIGTERM_HOOK)
     paths: tuple[str, ...] = (ROOT_PATH, USERS_PATH)
     as_written: bool = False  # its settings are the chapter's own
+    # "previous": the chapter before the measured one, with the same settings: what the measured
+    # chapter's own additions cost (chapter 10's logs and metrics against chapter 08, say)
+    chapter: str | None = None
 
     @property
     def settings(self) -> dict:
@@ -76,6 +79,7 @@ CHAPTER_W2 = "w2-chapter"  # only run when the chapter's settings match no other
 APP = "ch01-run-app"
 BARE = "bare-aiohttp"  # the framework's own ceiling with the chapter's worker settings
 NGINX_W2 = "nginx-w2"
+PREVIOUS_W2 = "w2-previous"  # the chapter before, recommended setup (its own, as written)
 # The recommended setup with one knob changed: (key, label, the change)
 CHANGES = [
     ("w2-no-uvloop", "recommended, aiohttp's default worker", dict(worker="aiohttp")),
@@ -94,6 +98,14 @@ def full_plan() -> list[Variant]:
         *(
             Variant(key, f"2 workers, {label}", "gunicorn", workers=2, **{**TUNED, **change})
             for key, label, change in CHANGES
+        ),
+        Variant(
+            PREVIOUS_W2,
+            "2 workers, the chapter before, recommended setup",
+            "gunicorn",
+            workers=2,
+            **TUNED,
+            chapter="previous",
         ),
         Variant(APP, "chapter 01, python app.py", "app", paths=(ROOT_PATH,)),
         # Its workers and knobs are filled in from the chapter by with_chapter_knobs().
@@ -133,7 +145,7 @@ def mark_as_written(plan: list[Variant], knobs: Knobs, workers: int) -> list[Var
     found = False
     marked = []
     for v in plan:
-        if v.kind == "gunicorn" and v.workers == workers and v.knobs == knobs:
+        if v.kind == "gunicorn" and v.chapter is None and v.workers == workers and v.knobs == knobs:
             v = replace(v, as_written=True, label=v.label + " = chapter as written")
             found = True
         marked.append(v)

@@ -456,6 +456,30 @@ def fleet(fleet_tools, tmp_path_factory):
     assert started.still_listening() == [], "replicas left running after the fleet stopped"
 
 
+@pytest.fixture(scope="session")
+def prometheus_tools() -> None:
+    """Chapter 10's fleet adds Debian's prometheus (with promtool) to chapter 08's parts."""
+    from tutorial.fleet import fleet, prometheus
+
+    why = prometheus.missing()
+    if why:
+        missing("Debian's Prometheus (package prometheus)", why)
+    why = fleet.missing_tools("10")
+    if why:
+        missing("the parts of chapter 10's fleet", why)
+
+
+@pytest.fixture(scope="module")
+def observed_fleet(fleet_tools, prometheus_tools, tmp_path_factory):
+    """The last chapter's fleet with two replicas and its Prometheus, shared by a module's tests."""
+    started = start_fleet(
+        tmp_path_factory.mktemp("observed-fleet"), chapter=manifest.latest().number, replicas=2
+    )
+    yield started
+    started.stop()
+    assert started.still_listening() == [], "replicas left running after the fleet stopped"
+
+
 @pytest.fixture
 def article_fleet(fleet_tools, tmp_path):
     """A fleet whose replicas run with Gunicorn's default graceful_timeout, as the article's do."""

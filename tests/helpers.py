@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import importlib.util
 import itertools
+import json
 import os
 import re
 import signal
@@ -289,14 +290,43 @@ def answering(running, path: str = "/ready", timeout: float = 30):
     return running
 
 
+def json_record(line: str) -> dict | None:
+    """A log line as chapter 10 on writes it (one JSON object), or None for a line of text."""
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "message" in record else None
+
+
+def as_text(output: str) -> str:
+    """A chapter's output with each JSON line (chapter 10 on) in Gunicorn's own text layout,
+    `[time] [pid] [LEVEL] message`, its traceback on the lines after: the tests that read a log
+    read every chapter's the same way. Text lines pass as they are."""
+    lines = []
+    for line in output.splitlines():
+        record = json_record(line)
+        if record is None:
+            lines.append(line)
+            continue
+        when = datetime.datetime.fromisoformat(record["time"]).strftime("%Y-%m-%d %H:%M:%S %z")
+        lines.append(f"[{when}] [{record['pid']}] [{record['level']}] {record['message']}")
+        if record.get("exc_info"):
+            lines += record["exc_info"].splitlines()
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def wait_for_lines(
     running, needle: str, count: int, timeout: float = 20.0, why: str = ""
 ) -> list[str]:
-    """The chapter's log lines containing `needle`, once there are at least `count` of them; else an
-    AssertionError in words, which `make check` prints as the reason."""
+    """The chapter's log lines containing `needle` (JSON ones as text: as_text), once there are at
+    least `count` of them; else an AssertionError in words, which `make check` prints as the
+    reason."""
 
     def lines() -> list[str]:
-        return [line for line in running.output().splitlines() if needle in line]
+        return [line for line in as_text(running.output()).splitlines() if needle in line]
 
     try:
         return waiting.until(
@@ -320,7 +350,7 @@ def gunicorn_stop_seconds(log: str) -> float:
     timestamps (whole seconds): how long the service took to stop, without the time `docker stop`
     itself takes on a busy machine."""
     at = {}
-    for line in log.splitlines():
+    for line in as_text(log).splitlines():
         found = GUNICORN_LINE.match(line)
         if found and found["message"] in ("Handling signal: term", "Shutting down: Master"):
             when = datetime.datetime.strptime(found["at"], "%Y-%m-%d %H:%M:%S %z")

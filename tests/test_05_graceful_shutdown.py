@@ -16,7 +16,14 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import UsersLock, read_until_closed, sample_user, send_request, wait_for_lines
+from helpers import (
+    UsersLock,
+    as_text,
+    read_until_closed,
+    sample_user,
+    send_request,
+    wait_for_lines,
+)
 
 from tutorial.parts import waiting
 from tutorial.parts.process import free_port, get, start
@@ -42,7 +49,7 @@ async def settled_connections(lock: UsersLock, timeout: float = 10.0) -> int:
 def log_lines(output: str, needle: str) -> dict[int, int]:
     """{worker pid: index of its first log line containing needle}."""
     found: dict[int, int] = {}
-    for index, line in enumerate(output.splitlines()):
+    for index, line in enumerate(as_text(output).splitlines()):
         match = re.search(r"\] \[(\d+)\] \[", line)
         if match and needle in line:
             found.setdefault(int(match.group(1)), index)
@@ -90,7 +97,9 @@ async def test_sigterm_lets_a_request_in_flight_finish(chapter, pg, db_name):
         assert status == 200 and json.loads(body) == sample_user(chapter)
         assert code == 0, output
         [served_at] = [
-            i for i, line in enumerate(output.splitlines()) if '"GET /users/1 HTTP/1.1" 200' in line
+            i
+            for i, line in enumerate(as_text(output).splitlines())
+            if '"GET /users/1 HTTP/1.1" 200' in line
         ]
         assert min(log_lines(output, "shutdown started").values()) < served_at
         assert_every_teardown_ran(output, workers=2)

@@ -21,7 +21,7 @@ from urllib.parse import quote
 import psutil
 import pytest
 from aiohttp import web
-from helpers import UsersLock, fresh_database, silent_server, wait_for_lines
+from helpers import UsersLock, as_text, fresh_database, silent_server, wait_for_lines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -312,7 +312,8 @@ def test_access_log_is_off_unless_asked_for(chapter, pg, db_name, cmd_args, line
         running.wait_until("/health")
         assert get(running.url + "/users/1")[0] == 200
         assert running.terminate() == 0
-        assert running.output().count('"GET /users/1 HTTP/1.1" 200') == lines, running.output()
+        output = as_text(running.output())
+        assert output.count('"GET /users/1 HTTP/1.1" 200') == lines, output
 
 
 def test_each_worker_listens_on_a_socket_of_its_own(chapter, pg, db_name):

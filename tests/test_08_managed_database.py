@@ -25,6 +25,7 @@ import pytest
 import yaml
 from helpers import (
     answering,
+    as_text,
     end_process_tree,
     launch,
     make_rollout,
@@ -63,7 +64,7 @@ def refusal_of(chapter, url: str | None, **env: str) -> str:
                 f"expected a refusal, it kept running: {running.output()}"
             ) from None
         output = running.output()
-    lines = [line.split("] ", 3)[-1] for line in output.splitlines() if REFUSAL in line]
+    lines = [line.split("] ", 3)[-1] for line in as_text(output).splitlines() if REFUSAL in line]
     assert code == 3 and "Traceback" not in output, f"exit {code}:\n{output}"
     assert len(lines) == 1 and "Booting worker" not in output, output
     return lines[0]
@@ -474,6 +475,7 @@ ACCEPTED = {
     },
     "08-managed-database": {},
     "09-schema-migrations": {},
+    "10-observability": {},  # the metrics port, its NetworkPolicy rule and a PodMonitor added
 }
 
 

@@ -383,12 +383,14 @@ def test_where_the_article_differs_a_chapter_says_so_and_links_the_proof(built_s
 
 # -- pictures and the offline rule -----------------------------------------------------------------
 def test_pictures_are_self_contained_svg_used_by_pages(built_site):
-    """The process model, the shutdown timeline and the lock queue are SVG files that parse, load
-    nothing from elsewhere, and appear on the pages that explain them."""
+    """The process model, the shutdown timeline, the lock queue and the metrics folder's life
+    are SVG files that parse, load nothing from elsewhere, and appear on the pages that explain
+    them."""
     for name, pages in {
         "process-model.svg": ["chapters/03-gunicorn/", "reference/"],
         "shutdown-timeline.svg": ["chapters/05-graceful-shutdown/", "reference/"],
         "lock-queue.svg": ["chapters/09-schema-migrations/"],
+        "metrics-folder.svg": ["chapters/10-observability/"],
     }.items():
         svg = (DOCS / "img" / name).read_text()
         root = ET.fromstring(svg)

@@ -13,6 +13,7 @@ import configparser
 import dataclasses
 import math
 import runpy
+import sys
 from pathlib import Path
 
 import yaml
@@ -142,6 +143,19 @@ def cpus(quantity: str | int) -> int:
     return math.ceil(int(text[:-1]) / 1000) if text.endswith("m") else math.ceil(float(text))
 
 
+def _run_config(folder: Path) -> dict:
+    """gunicorn.conf.py's settings, run as Gunicorn runs it: with its folder on sys.path, which
+    chapter 10's `import logs` needs; that folder's modules leave sys.modules again afterwards."""
+    siblings = {p.stem for p in folder.glob("*.py")}
+    sys.path.insert(0, str(folder))
+    try:
+        return runpy.run_path(str(folder / "gunicorn.conf.py"))
+    finally:
+        sys.path.remove(str(folder))
+        for name in siblings:
+            sys.modules.pop(name, None)
+
+
 def load(folder: Path = FOLDER) -> Fleet:
     docs = documents(folder)
     deploy = docs["Deployment/users"]
@@ -149,7 +163,7 @@ def load(folder: Path = FOLDER) -> Fleet:
     container = pod["containers"][0]
     rolling = deploy["spec"]["strategy"]["rollingUpdate"]
     pdb = docs["PodDisruptionBudget/users"]["spec"]
-    gunicorn = runpy.run_path(str(folder / "gunicorn.conf.py"))
+    gunicorn = _run_config(folder)
     # From chapter 08 on the pool sizes live in database.py, which app.py imports them from.
     app = {}
     for module in ("database.py", "app.py"):

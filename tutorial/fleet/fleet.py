@@ -8,7 +8,8 @@ localhost:$PORT, which, like a Service, sends new connections only to replicas w
 and never retries a refused one (haproxy.py). From chapter 08 on, TLS on every database leg:
 Debian's PostgreSQL with TLS (the embedded one has no OpenSSL, tutorial/parts/tls_postgres.py), a
 CA made for the run, PgBouncer with the ConfigMap's client_tls and server_tls settings, and the
-replicas' password read from a file.
+replicas' password read from a file. From chapter 10 on, Debian's Prometheus scrapes every
+replica's metrics listener and HAProxy's own exporter (prometheus.py).
 
 Each part is our own process with its own config, ports and runtime folder: services the Debian
 packages may have started are left alone, and stop() ends exactly what start() began. A second
@@ -43,11 +44,13 @@ from . import budget
 from .haproxy import HAProxy
 from .pgbouncer import PgBouncer
 from .processes import CHAPTER, Adopted, FleetError, Replica, missing_tools, tool
+from .prometheus import Prometheus
 
 __all__ = ["Fleet", "FleetError", "main", "missing_tools", "runtime_dir", "say", "tool"]
 
 DATABASE = "users"
 FIRST_TLS_CHAPTER = 8  # verified TLS to the database, and the password from a file
+FIRST_METRICS_CHAPTER = 10  # /metrics on a port of its own, and a Prometheus to scrape it
 SERVICE_ROLE = "users"  # the replicas' role once there is TLS (chapter 07: the superuser, trust)
 FIRST_ADDRESS = 10  # replica slots live on 127.0.0.10, 127.0.0.11, ...
 
@@ -84,6 +87,7 @@ class Fleet:
         self.postgres: LocalPostgres | None = None
         self.pgbouncer: PgBouncer | None = None
         self.haproxy: HAProxy | None = None
+        self.prometheus: Prometheus | None = None
         self.replicas: dict[int, Replica] = {}  # by slot
         self._names = 0
         self.owner: int | None = None  # the make fleet this one took over, if any
@@ -101,6 +105,10 @@ class Fleet:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics(self) -> bool:
+        return self.chapter.index >= FIRST_METRICS_CHAPTER
 
     @property
     def admin_dsn(self) -> str:
@@ -155,6 +163,10 @@ class Fleet:
         if as_root():  # PostgreSQL and PgBouncer run as the service user, who must reach it
             ensure_prefix_permissions(self.runtime)
         self.app_port = _free_port_on(self.slot_address(0))
+        if self.metrics:  # the replicas' metrics listener, HAProxy's exporter, Prometheus
+            self.metrics_port = _free_port_on(self.slot_address(0))
+            self.haproxy_metrics_port = process.free_port()
+            self.prometheus_port = process.free_port()
         try:
             self._start_postgres()
             self._start_pgbouncer()
@@ -165,6 +177,8 @@ class Fleet:
             self._start_haproxy()
             for slot in self.replicas:
                 self.haproxy.enable(slot)
+            if self.metrics:
+                self._start_prometheus()
         except BaseException:
             self.stop()
             raise
@@ -190,6 +204,15 @@ class Fleet:
             "graceful_timeout": self.graceful_timeout,
             "replicas": {str(slot): [r.name, r.proc.pid] for slot, r in self.replicas.items()},
         }
+        if self.metrics:
+            state["metrics_ports"] = [
+                self.metrics_port,
+                self.haproxy_metrics_port,
+                self.prometheus_port,
+            ]
+            self._prometheus().set_replicas(
+                {r.name: f"{r.address}:{self.metrics_port}" for r in self.replicas.values()}
+            )
         scratch = self.state_file.with_suffix(".tmp")
         scratch.write_text(json.dumps(state))
         scratch.replace(self.state_file)
@@ -232,6 +255,11 @@ class Fleet:
         )
         self.pgbouncer.port = state["pgbouncer_port"]
         self.database_url = self.pgbouncer.url
+        if self.metrics:
+            self.metrics_port, self.haproxy_metrics_port, self.prometheus_port = state[
+                "metrics_ports"
+            ]
+            self.prometheus = self._prometheus()  # make fleet's: to ask and to update, not to stop
         self.haproxy = self._haproxy()
         self.refresh()
         return True
@@ -263,6 +291,9 @@ class Fleet:
                 if pid not in known
             ]
         self.state_file.unlink(missing_ok=True)
+        if self.prometheus:
+            self.prometheus.stop()
+            self.prometheus = None
         if self.haproxy:
             self.haproxy.stop()
             self.haproxy = None
@@ -339,7 +370,18 @@ class Fleet:
 
     def _haproxy(self) -> HAProxy:
         servers = [f"{self.slot_address(slot)}:{self.app_port}" for slot in range(self.slots)]
-        return HAProxy(self.runtime, self.port, self.numbers.readiness, servers)
+        metrics = self.haproxy_metrics_port if self.metrics else None
+        return HAProxy(self.runtime, self.port, self.numbers.readiness, servers, metrics)
+
+    def _prometheus(self) -> Prometheus:
+        if self.prometheus is None:
+            haproxy = f"127.0.0.1:{self.haproxy_metrics_port}"
+            self.prometheus = Prometheus(self.runtime, self.prometheus_port, haproxy)
+        return self.prometheus
+
+    def _start_prometheus(self) -> None:
+        self.say(f"starting Prometheus on http://127.0.0.1:{self.prometheus_port}")
+        self._prometheus().start()
 
     def _start_haproxy(self) -> None:
         self.haproxy = self._haproxy()
@@ -463,6 +505,13 @@ def main(argv: list[str]) -> int:
             "(in a second terminal: a rolling deploy of this fleet under load)",
             flush=True,
         )
+        if fleet.prometheus:
+            print(
+                f"      curl '{fleet.prometheus.url}/api/v1/query?query="
+                "sum(http_requests_total)'   (Prometheus; also on "
+                f"{fleet.prometheus.url}/graph)",
+                flush=True,
+            )
         print(
             f"      ({n.workers} workers each, pool max_size {n.pool_max}; "
             f"logs in {fleet.runtime})",

@@ -29,9 +29,18 @@ def stats_socket(runtime: Path) -> Path:
 
 
 class HAProxy:
-    def __init__(self, runtime: Path, port: int, readiness: budget.Probe, servers: list[str]):
-        """`servers`: every replica slot's host:port, in slot order; each starts disabled."""
+    def __init__(
+        self,
+        runtime: Path,
+        port: int,
+        readiness: budget.Probe,
+        servers: list[str],
+        metrics_port: int | None = None,
+    ):
+        """`servers`: every replica slot's host:port, in slot order; each starts disabled.
+        `metrics_port`: where HAProxy's own Prometheus exporter listens (chapter 10 on)."""
         self.runtime, self.port, self.readiness, self.servers = runtime, port, readiness, servers
+        self.metrics_port = metrics_port
         self.socket = stats_socket(runtime)
         self.part: Part | None = None
 
@@ -64,6 +73,14 @@ class HAProxy:
             f"    server s{slot} {address} check disabled"
             for slot, address in enumerate(self.servers)
         ]
+        if self.metrics_port is not None:  # HAProxy's built-in exporter, on a port of its own
+            lines += [
+                "frontend metrics",
+                "    mode http",
+                f"    bind 127.0.0.1:{self.metrics_port}",
+                "    http-request use-service prometheus-exporter if { path /metrics }",
+                "    http-request return status 404",
+            ]
         return "\n".join(lines) + "\n"
 
     def start(self) -> None:

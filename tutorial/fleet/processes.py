@@ -38,6 +38,11 @@ def missing_tools(chapter: str = CHAPTER) -> str | None:
     absent = [name for name in ("haproxy", "pgbouncer") if not tool(name)]
     if absent:
         return f"{' and '.join(absent)} not found: {INSTALL}"
+    if int(chapter) >= 10:  # a Prometheus scrapes the fleet
+        from .prometheus import missing
+
+        if missing():
+            return missing()
     if int(chapter) >= 8:  # TLS to the database: the embedded server has no OpenSSL
         from tutorial.parts import tls_postgres
 
@@ -115,6 +120,10 @@ class Replica(Part):
         args = f"--bind {self.address}:{self.port}"
         if fleet.graceful_timeout is not None:
             args += f" --graceful-timeout {fleet.graceful_timeout}"
+        metrics = {}
+        if fleet.metrics:  # --bind replaces the config's list: the metrics listener too
+            args += f" --bind {self.address}:{fleet.metrics_port}"
+            metrics["METRICS_PORT"] = str(fleet.metrics_port)
         environment = process.chapter_env(
             self.port,
             fleet.database_url,
@@ -123,6 +132,7 @@ class Replica(Part):
             APPLICATION_NAME=name,
             GUNICORN_CMD_ARGS=args,
             **fleet.replica_secrets(),
+            **metrics,
         )
         environment.update(env)
         super().__init__(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import datetime
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from tutorial import chapters
 
 from .fleet import Fleet, FleetError, missing_tools, runtime_dir, say
 from .processes import CHAPTER
+from .prometheus import SCRAPE_INTERVAL as SCRAPE
 
 # How long an endpoint removal takes to reach the load balancer. Assumed, not measured: kube-proxy
 # on every node has to see the EndpointSlice change; a second is quick for a real cluster.
@@ -421,6 +423,7 @@ def rehearse(
         on_event=on_event,
     )
     fleet.rollout = rollout  # for an interrupted run to find
+    load_began = datetime.datetime.now(datetime.UTC)
     try:
         progress = threading.Thread(target=show_progress, args=(load, say), daemon=True)
         progress.start()
@@ -432,7 +435,57 @@ def rehearse(
         time.sleep(AFTER)
     finally:
         load.stop()
-    return report(rollout, load, began, ended)
+    result = report(rollout, load, began, ended)
+    if fleet.prometheus is not None:  # chapter 10 on: what the fleet's own Prometheus counted
+        result["prometheus"] = prometheus_saw(fleet, load_began)
+    return result
+
+
+ROUTE = "/users/{id}"  # PATH's route template, as chapter 10 labels it
+
+
+def prometheus_saw(fleet: Fleet, since: datetime.datetime) -> dict:
+    """Requests to ROUTE that Prometheus counted since `since`, once every replica still up has been
+    scraped after the load ended. A replica replaced meanwhile is a series that ends: its count is
+    its highest value, less what it had counted at `since`. What a replica served after its last
+    scrape is in no series, so this can be short of the load's own count, never above it."""
+    prometheus = fleet.prometheus
+    ended = datetime.datetime.now(datetime.UTC)
+    try:
+        prometheus.wait_scraped_after(ended)
+    except (TimeoutError, FleetError, OSError) as exc:
+        return {"error": str(exc)}
+    window = max(1, math.ceil((ended - since).total_seconds()))
+    series = f'http_requests_total{{job="users",route="{ROUTE}"{{status}}}}'
+    at_end, at_start = f"@ {ended.timestamp():.3f}", f"@ {since.timestamp():.3f}"
+
+    def counted(status: str = "") -> int:
+        selector = series.replace("{status}", status)
+        top = prometheus.value(f"sum(max_over_time({selector}[{window}s] {at_end}))") or 0
+        before = prometheus.value(f"sum({selector} {at_start})") or 0
+        return round(top - before)
+
+    try:
+        return {"requests": counted(), "5xx": counted(',status="5xx"'), "scraped_every_s": SCRAPE}
+    except (FleetError, OSError) as exc:
+        return {"error": str(exc)}
+
+
+def prometheus_line(r: dict, load_count: int) -> str:
+    seen = r["prometheus"]
+    if "error" in seen:
+        return f"Prometheus: {seen['error']}"
+    missed = load_count - seen["requests"]
+    return (
+        f"Prometheus counted {seen['requests']} requests to {ROUTE} ({seen['5xx']} 5xx) of the "
+        f"{load_count} the load sent"
+        + (
+            f"; {missed} were served after their replica's last scrape (every "
+            f"{seen['scraped_every_s']} s) and are in no series"
+            if missed > 0
+            else ""
+        )
+    )
 
 
 def show_progress(load: Load, say) -> None:
@@ -547,6 +600,8 @@ def main(argv: list[str]) -> int:
         )
     if result["stopped"]:
         say(result["stopped"])
+    if "prometheus" in result:
+        say(prometheus_line(result, result["requests"]))
     say(f"report: {out / (stem + '.json')}, chart: {out / (stem + '.png')}")
     print(last_line(result), flush=True)
     return 1 if result["failed"] or result["stopped"] else 0

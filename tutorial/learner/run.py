@@ -80,7 +80,11 @@ def main(argv: list[str]) -> int:
             say(f"database ready: DATABASE_URL={database_url}")
 
     say(f"chapter {chapter.number}, {chapter.title}: `{chapter.run}` in chapters/{chapter.name}/")
-    running = process.start(chapter, port=port, database_url=database_url)
+    # Chapter 10 on: /metrics on the chapter's own default port, not the free one tests get.
+    metrics_port = os.environ.get("METRICS_PORT", "9464")
+    running = process.start(
+        chapter, port=port, database_url=database_url, METRICS_PORT=metrics_port
+    )
     stopping = False
 
     def forward(signum, frame):
@@ -106,6 +110,8 @@ def main(argv: list[str]) -> int:
                 say(f"serving on http://localhost:{port}  (Ctrl-C stops it). Try:")
                 for path in chapter.try_paths:
                     print(f"      curl -i http://localhost:{port}{path}", flush=True)
+                if (chapter.folder / "metrics.py").exists():
+                    print(f"      curl http://localhost:{metrics_port}/metrics", flush=True)
             time.sleep(0.1)
         echo_new_output(running, shown)
         code = running.proc.returncode

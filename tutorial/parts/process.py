@@ -40,6 +40,9 @@ def chapter_env(port: int, database_url: str | None = None, **extra: str) -> dic
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PORT"] = str(port)
     env["PYTHONUNBUFFERED"] = "1"
+    # Chapter 10 on: /metrics listens on a port of its own; a free one, so that two chapters
+    # running at once never share one (with SO_REUSEPORT they would, without an error).
+    env["METRICS_PORT"] = str(free_port())
     if database_url is not None:
         env["DATABASE_URL"] = database_url
     env.update(extra)
