@@ -276,11 +276,11 @@ def test_the_contract_while_an_old_replica_serves_breaks_it_as_the_page_says(cha
     The old replica's lookups turn into 500s; the new one's go on. Hence: only once no old
     replica is left."""
     # Both booting at once: the second's wait overlaps the first's.
-    old = process.start(chapter.previous, database_url=db_url, WEB_CONCURRENCY="1")
+    old = process.start(chapter.before_migrations, database_url=db_url, WEB_CONCURRENCY="1")
     new = process.start(chapter, database_url=db_url, WEB_CONCURRENCY="1")
     try:
         answering(old), answering(new)
-        assert user_of(old) == (200, sample_user(chapter.previous))
+        assert user_of(old) == (200, sample_user(chapter.before_migrations))
         assert user_of(new) == (200, sample_user(chapter))
         result = run_migrate(chapter.folder, db_url, "migrations", "contract")
         assert result.returncode == 0, result.stdout

@@ -68,6 +68,15 @@ class Chapter:
         later = [c for c in load() if c.index > self.index]
         return later[0] if later else None
 
+    @property
+    def before_migrations(self) -> Chapter | None:
+        """The last chapter before this one whose schema is schema.sql alone (08): the code and
+        schema a deploy that brings the migrations starts from. None from a chapter before it."""
+        earlier = [
+            c for c in load() if c.index < self.index and not (c.folder / "migrations").is_dir()
+        ]
+        return earlier[-1] if earlier and (self.folder / "migrations").is_dir() else None
+
     def code(self, name: str) -> str | None:
         """What one of this chapter's files does, or its run command (name "run"): a Python
         file's syntax tree without docstrings (comments never reach it), another file's text;

@@ -76,8 +76,8 @@ class Fleet:
         self.runtime = Path(runtime)
         self.chapter = chapters.get(chapter)
         # The code the replicas run. A rollout that includes the chapter's migrations starts
-        # from the previous chapter's code and schema, as the deploy before it left them.
-        self.code = self.chapter.previous if migrating else self.chapter
+        # from the code and schema of the last chapter before them (08), as that deploy left them.
+        self.code = (self.chapter.before_migrations or self.chapter) if migrating else self.chapter
         self.tls = self.chapter.index >= FIRST_TLS_CHAPTER
         self.numbers = budget.load(self.chapter.folder)
         self.replica_count = replicas or self.numbers.replicas
