@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tutorial.parts.database import LocalPostgres, execute
+from tutorial.parts.database import LocalPostgres, execute, load_schema
 
 SAMPLE_USERS = 5000
 DATABASE = "bench"
@@ -39,7 +39,7 @@ class Database:
         self.server.start()
         try:
             execute(self.server.dsn(), f"CREATE DATABASE {DATABASE}")
-            execute(self.dsn, self.schema.read_text())
+            load_schema(self.dsn, self.schema)  # schema.sql, then any migrations
             execute(self.dsn, USERS_SQL.format(n=self.users))
             count = int(execute(self.dsn, "SELECT count(*) FROM users").strip())
             if count < self.users:

@@ -235,13 +235,17 @@ def test_a_docstring_is_not_code_but_a_line_of_code_is(tmp_path):
 
 def test_a_chapter_in_between_runs_a_behaviour_only_where_it_changes_its_code():
     """Chapter 01's in-process tests skip 03 and 04 (their app.py is 02's but for docstrings) and
-    its as-run test skips 02 (same command, no gunicorn.conf.py) and 07 (06's gunicorn.conf.py but
-    for its docstring); EVERY_CHAPTER runs them all."""
+    its as-run test skips 02 (same command, no gunicorn.conf.py), 07 and 09 (the gunicorn.conf.py
+    before theirs but for its docstring); EVERY_CHAPTER runs them all."""
     every = {c.number for c in chapters.load()}
     last = chapters.latest().number
     chosen = collected("tests/test_01_minimal_app.py")
     assert chosen["test_index_says_hello"] == every - {"03", "04"}
-    assert chosen["test_runs_as_documented_and_stops_cleanly_on_sigterm"] == every - {"02", "07"}
+    assert chosen["test_runs_as_documented_and_stops_cleanly_on_sigterm"] == every - {
+        "02",
+        "07",
+        "09",
+    }
     assert {"01", last} <= chosen["test_health_is_ok"]
     everything = collected("tests/test_01_minimal_app.py", every_chapter=True)
     assert everything["test_index_says_hello"] == every
