@@ -92,8 +92,9 @@ def test_access_log_has_a_line_per_request(served):
 
 
 def test_port_comes_from_the_environment(served):
-    """PORT picks the port Gunicorn listens on (the served fixture sets a free one). From chapter
-    10 on it also listens on METRICS_PORT (also set free), for Prometheus alone."""
+    """PORT picks the port Gunicorn listens on (the served fixture sets a free one)."""
+    # From chapter 10 on it also listens on METRICS_PORT (also set free), for
+    # Prometheus alone; the docstring is the behaviour a learner's report names.
     ports = listening_ports(served.pid) - {int(served.env["METRICS_PORT"])}
     assert ports == {served.port}, (
         f"expected Gunicorn to listen on PORT={served.port} from its environment, "
