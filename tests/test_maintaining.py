@@ -130,6 +130,27 @@ def empty_repo(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def test_make_tells_venv_sh_whether_the_learner_named_python():
+    """Only a PYTHON named on the command line or in the environment must match .venv's: a
+    plain `make test` after `make test PYTHON=python3.12` keeps that .venv (make's own
+    default once counted as named, and rebuilt it with python3)."""
+
+    def venv_call(*args: str, **env: str) -> str:
+        done = subprocess.run(
+            ["make", "-n", "test", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in os.environ.items() if k != "PYTHON"} | env,
+        )
+        [line] = [line for line in done.stdout.splitlines() if "venv.sh" in line]
+        return line.split("venv.sh ", 1)[1]
+
+    assert venv_call() == "'python3' 0 dev"
+    assert venv_call("PYTHON=python3.12") == "'python3.12' 1 dev"
+    assert venv_call(PYTHON="python3.13") == "'python3.13' 1 dev"
+
+
 def test_venv_refuses_an_old_python_in_one_line_and_makes_nothing(tmp_path):
     repo = empty_repo(tmp_path)
     old = pyenv_python("3.10")
