@@ -126,7 +126,7 @@ class Load:
                 self.statuses[response.status] += 1
                 if response.status == 200:  # old code serves name, chapter 09's display_name
                     field = "display_name" if b'"display_name"' in body else "name"
-                    self.fields.append((round(began - self.started, 4), field))
+                    self.fields.append((began - self.started, field))
                 kind = (
                     "ok" if response.status == 200 else "5xx" if response.status >= 500 else "other"
                 )
@@ -330,8 +330,9 @@ def report(rollout: Rollout, load: Load, began: float, ended: float) -> dict:
         "served": {
             field: {
                 "count": len(at),
-                "first_s": round(min(at), 2) if at else None,
-                "last_s": round(max(at), 2) if at else None,
+                # to the ms, as the events are: they are compared
+                "first_s": round(min(at), 3) if at else None,
+                "last_s": round(max(at), 3) if at else None,
             }
             for field in ("name", "display_name")
             for at in [[t for t, f in load.fields if f == field]]
