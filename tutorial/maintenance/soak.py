@@ -1,11 +1,11 @@
-"""`make soak [RUNS=3] [JOBS=auto]`: the whole suite several times, each in another order.
+"""`make soak [RUNS=3] [JOBS=cores+1]`: the whole suite several times, each in another order.
 
 Every run shuffles the modules and the tests in them with pytest-randomly (a new seed each run),
 so xdist hands the groups to its workers in another order too. A test that fails in any run is
 listed with the seeds that made it fail: `make test ARGS='-p randomly -p no:cacheprovider
 --randomly-seed=SEED'` replays that order. The report is written to .data/soak/report.md as well.
 
-    python -m tutorial.maintenance.soak [--runs N] [--jobs auto] [--seed N] [--out DIR]
+    python -m tutorial.maintenance.soak [--runs N] [--jobs N|auto] [--seed N] [--out DIR]
         [-- PYTEST ARGS]
 
 Exit status: 0 when no test failed in any run, 1 otherwise.
