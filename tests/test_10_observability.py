@@ -394,8 +394,16 @@ def test_prometheus_scrapes_every_replica_and_counts_what_was_sent(observed_flee
         "query", query=f'sum by (replica) (http_requests_total{{route="{USERS}"}})'
     )["result"]
     assert len(per_replica) == len(expected), per_replica  # HAProxy spread them over both
-    connections = prometheus.value('sum(haproxy_frontend_connections_total{proxy="service"})')
-    assert connections is not None and connections >= sent
+    # HAProxy's exporter is its own target, scraped on its own beat: wait for a scrape after
+    # the requests, as for the replicas' sum
+    accepted = 'sum(haproxy_frontend_connections_total{proxy="service"})'
+    connections = waiting.until(
+        lambda: prometheus.value(accepted),
+        timeout=20,
+        done=lambda value: value is not None and value >= sent,
+        waiting_for=f"{accepted} to reach {sent}",
+    )
+    assert connections >= sent
 
 
 def test_a_rollout_reports_what_prometheus_counted(observed_fleet):
