@@ -1,5 +1,6 @@
-"""Chapter 08: the probes. /health says the process is alive, /ready that
-it can serve; only /ready asks the database."""
+"""Chapter 10: the probes of chapter 08, their failures now counted.
+/health says the process is alive, /ready that it can serve; only /ready
+asks the database."""
 
 import asyncio
 import logging
