@@ -352,13 +352,15 @@ def knob_effects(results: dict) -> list[dict]:
     variants = results["variants"]
     found = []
     for key, what, base in KNOBS:
-        ratios = {}
+        exact = {}
         for path in PATH_TITLES:
             a, b = rps_of(variants, key, path), rps_of(variants, base, path)
-            ratios[path] = round(a / b, 2) if a and b else None
-        if None in ratios.values():
+            exact[path] = a / b if a and b else None
+        if None in exact.values():
             continue
-        effect = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
+        # sorted by the exact ratios: one shown as 0.00 still has a logarithm
+        effect = math.exp(sum(math.log(r) for r in exact.values()) / len(exact))
+        ratios = {path: round(r, 2) for path, r in exact.items()}
         found.append(
             {
                 "variant": key,
